@@ -1,0 +1,194 @@
+"""The two faces of a federated method: a client LightningModule and a server step.
+
+An engine (the in-process loop today, Flower later) drives every method through this interface only:
+
+    module.load_private_state(store[k]); module.receive(algorithm.download(global_state, k))
+    for phase in module.phases():  module.set_phase(phase.name); Trainer.fit(module, epochs=phase.epochs)
+    uploads.append(Upload(k, n_k, module.upload())); store[k] = module.private_state()
+    global_state = algorithm.aggregate(global_state, uploads)
+
+A method's training step is a pure function of its modules' parameters and a batch (no hidden state),
+so that a future engine can vmap it over many clients of one architecture.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import lightning as L
+import torch
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from pfl.config import Config, Field
+from pfl.data.batches import BatchTransform
+
+Tensors = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One training phase of a round: which parameters train, for how many epochs."""
+
+    name: str
+    epochs: int
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """What a method needs to know about the task to build client modules."""
+
+    image_shape: tuple[int, int, int]
+    num_classes: int
+    representation_dim: int
+    transform: BatchTransform
+
+
+@dataclass
+class Upload:
+    """What one client sent to the server in one round."""
+
+    client_id: int
+    num_samples: int
+    tensors: Tensors
+
+
+def payload_bytes(tensors: Tensors) -> int:
+    """Bytes on the wire for a payload: exactly the tensors' storage (numel x element size)."""
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def payload_params(tensors: Tensors) -> int:
+    return sum(t.numel() for t in tensors.values())
+
+
+def weighted_mean(uploads: list[Upload]) -> Tensors:
+    """sum_k n_k x_k / sum_k n_k for every tensor name; computed in float64, returned in the input dtype."""
+    if not uploads:
+        raise ValueError("no uploads to aggregate")
+    total = float(sum(u.num_samples for u in uploads))
+    if total <= 0:
+        raise ValueError("uploads carry no samples")
+    out = {}
+    for name, first in uploads[0].tensors.items():
+        acc = torch.zeros_like(first, dtype=torch.float64)
+        for u in uploads:
+            acc += u.tensors[name].to(torch.float64) * (u.num_samples / total)
+        out[name] = acc.to(first.dtype)
+    return out
+
+
+def cpu_clone(tensors: Tensors) -> Tensors:
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
+
+
+class ClientModule(L.LightningModule):
+    """Client side of a method. Subclasses say what trains in each phase, the phase's loss, and what
+    travels; this base class does freezing, optimiser set-up, on-device transforms and accuracy."""
+
+    def __init__(self, model: nn.Module, cfg: Config, transform: BatchTransform, num_classes: int):
+        super().__init__()
+        self.model = model
+        self.cfg = cfg
+        self.transform = transform
+        self.phase: str | None = None
+        self.val_accuracy = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        self._loss_sum = torch.zeros(())
+        self._loss_steps = 0
+
+    # --- what a method defines -------------------------------------------------------------
+    def phases(self) -> list[Phase]:
+        raise NotImplementedError
+
+    def trainable_parameters(self, phase: str) -> list[nn.Parameter]:
+        raise NotImplementedError
+
+    def phase_loss(self, phase: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def receive(self, payload: Tensors) -> None:
+        """Load what the server sent this client."""
+
+    def upload(self) -> Tensors:
+        raise NotImplementedError
+
+    def private_state(self) -> Tensors:
+        """Everything that must survive until this client's next round (CPU copies)."""
+        return cpu_clone(self.model.state_dict())
+
+    def load_private_state(self, state: Tensors) -> None:
+        self.model.load_state_dict(state)
+
+    def prepare_eval(self, global_state: Tensors) -> None:
+        """Put the module in the configuration personalised evaluation uses (default: as trained)."""
+
+    def learning_rate(self, phase: str) -> float:
+        return self.cfg.lr
+
+    # --- shared machinery -------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def set_phase(self, phase: str) -> None:
+        """Freeze everything, then unfreeze exactly the phase's trainable parameters."""
+        self.phase = phase
+        trainable = {id(p) for p in self.trainable_parameters(phase)}
+        for p in self.parameters():
+            p.requires_grad_(id(p) in trainable)
+        self._loss_sum = torch.zeros(())
+        self._loss_steps = 0
+
+    def mean_phase_loss(self) -> float:
+        return float(self._loss_sum) / max(self._loss_steps, 1)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        x, y = batch
+        return self.transform(x, train=self.training), y
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = self.phase_loss(self.phase, x, y)
+        # summed on the device: no host sync per step
+        self._loss_sum = loss.detach().float() if self._loss_steps == 0 else self._loss_sum + loss.detach().float()
+        self._loss_steps += 1
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        self.val_accuracy.update(self(x).argmax(dim=1), y)
+
+    def configure_optimizers(self):
+        params = [p for p in self.trainable_parameters(self.phase) if p.requires_grad]
+        return torch.optim.SGD(params, lr=self.learning_rate(self.phase), momentum=self.cfg.momentum,
+                               weight_decay=self.cfg.weight_decay)
+
+
+class Algorithm:
+    """Server side of a method, and the factory of its client modules."""
+
+    name: ClassVar[str]
+    SETTINGS: ClassVar[dict[str, Field]] = {}
+
+    def __init__(self, cfg: Config, spec: TaskSpec):
+        self.cfg = cfg
+        self.spec = spec
+        self.settings = cfg.table(self.name)
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        """Cross-key checks of this method's settings against the rest of the recipe."""
+
+    def make_client(self, arch: str) -> ClientModule:
+        raise NotImplementedError
+
+    def initial_global(self) -> Tensors:
+        """The server's state before round 1 (what the first broadcast carries)."""
+        return {}
+
+    def download(self, global_state: Tensors, client_id: int) -> Tensors:
+        """What the server sends client `client_id` this round."""
+        return global_state
+
+    def aggregate(self, global_state: Tensors, uploads: list[Upload]) -> Tensors:
+        raise NotImplementedError

@@ -1,0 +1,298 @@
+"""Recipes: TOML files validated against one schema; `--set key=value` overrides them.
+
+Recipe keys are a public interface: later features, users' scripts and `--set` rely on them. Every key
+is declared once here (or, for a method's own settings, in that method's file as `SETTINGS`), with its
+type, its allowed values and a default. Unknown keys and out-of-range values are rejected by name.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable
+
+from pfl.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Field:
+    """One recipe key: its type ('int', 'float', 'str', 'bool', 'list[str]', 'list[int]'), default,
+    an optional check returning an error text (None when fine), and a one-line help."""
+
+    kind: str
+    default: Any
+    help: str
+    choices: tuple[str, ...] | None = None
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # True: value must be > low instead of >= low
+    check: Callable[[Any], str | None] | None = None
+
+    def describe(self) -> str:
+        if self.choices:
+            return "one of " + ", ".join(self.choices)
+        bounds = []
+        if self.low is not None:
+            bounds.append(("> " if self.low_open else ">= ") + _fmt(self.low))
+        if self.high is not None:
+            bounds.append("<= " + _fmt(self.high))
+        what = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
+                "list[str]": "a list of strings", "list[int]": "a list of integers"}[self.kind]
+        return what + (" " + " and ".join(bounds) if bounds else "")
+
+    def coerce(self, key: str, value: Any) -> Any:
+        def bad(reason: str | None = None) -> ConfigError:
+            got = reason or f"got {value!r}"
+            return ConfigError(f"recipe key '{key}': must be {self.describe()}, {got}")
+
+        if self.kind == "int":
+            if isinstance(value, bool) or not isinstance(value, int):
+                if isinstance(value, float) and value.is_integer():
+                    value = int(value)
+                else:
+                    raise bad()
+        elif self.kind == "float":
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise bad()
+            value = float(value)
+            if not math.isfinite(value):
+                raise bad()
+        elif self.kind == "str":
+            if not isinstance(value, str):
+                raise bad()
+        elif self.kind == "bool":
+            if not isinstance(value, bool):
+                raise bad()
+        elif self.kind in ("list[str]", "list[int]"):
+            item = str if self.kind == "list[str]" else int
+            if not isinstance(value, list) or not value or not all(
+                isinstance(v, item) and not isinstance(v, bool) for v in value
+            ):
+                raise bad()
+        if self.choices is not None:
+            items = value if isinstance(value, list) else [value]
+            for v in items:
+                if v not in self.choices:
+                    raise bad()
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            raise bad()
+        if self.high is not None and value > self.high:
+            raise bad()
+        if self.check is not None:
+            reason = self.check(value)
+            if reason:
+                raise bad(reason)
+        return value
+
+
+def _fmt(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+def _image_shape(value: list[int]) -> str | None:
+    if len(value) != 3 or not 1 <= value[0] <= 4 or not 12 <= value[1] <= 256 or value[1] != value[2]:
+        return f"expected [channels 1..4, size 12..256, same size], got {value!r}"
+    return None
+
+
+DATASETS = ("cifar10", "cifar100", "fmnist", "synthetic")
+
+# The top-level schema. Method-specific tables come from each algorithm's SETTINGS.
+SCHEMA: dict[str, Field] = {
+    "name": Field("str", "custom", "short name of the recipe"),
+    "description": Field("str", "", "one line shown by `pfl recipes`"),
+    "dataset": Field("str", "synthetic", "data set", choices=DATASETS),
+    "data_dir": Field("str", "", "where the data set lives; empty: the data set's default place"),
+    "download": Field("bool", True, "download the data set when it is missing and the internet is reachable"),
+    "partition": Field("str", "pathological", "label skew across clients",
+                       choices=("pathological", "dirichlet", "iid")),
+    "classes_per_client": Field("int", 2, "pathological partition: classes per client", low=1),
+    "dirichlet_alpha": Field("float", 0.5, "Dirichlet partition: concentration", low=0.0, low_open=True),
+    "test_fraction": Field("float", 0.2, "per-client share held out for the personalised test set",
+                           low=0.0, high=0.9, low_open=True),
+    "num_clients": Field("int", 10, "N, number of clients", low=1, high=100_000),
+    "participation": Field("float", 1.0, "C, share of clients sampled each round", low=0.0, high=1.0,
+                           low_open=True),
+    "rounds": Field("int", 500, "T, communication rounds", low=1),
+    "local_epochs": Field("int", 1, "E, local epochs per round", low=1),
+    "batch_size": Field("int", 64, "mini-batch size", low=1),
+    "lr": Field("float", 0.01, "SGD learning rate", low=0.0, low_open=True),
+    "momentum": Field("float", 0.9, "SGD momentum", low=0.0, high=0.999),
+    "weight_decay": Field("float", 1e-3, "SGD weight decay", low=0.0),
+    "grad_clip": Field("float", 50.0, "gradient-norm clip (0 turns it off)", low=0.0),
+    "model_setting": Field("str", "heterogeneous", "client k gets zoo[k mod len(zoo)] or all zoo[0]",
+                           choices=("heterogeneous", "homogeneous")),
+    "model_zoo": Field("list[str]", ["cnn1", "cnn2", "cnn3", "cnn4", "cnn5"], "architectures, in order"),
+    "representation_dim": Field("int", 500, "d, size of the representation shared by the zoo", low=1),
+    "augment": Field("bool", False, "random crop (pad 4) and horizontal flip while training"),
+    "eval_every": Field("int", 1, "evaluate every client every this many rounds (and after the last)",
+                        low=1),
+    "seed": Field("int", 0, "one seed for partition, sampling, init and data order", low=0),
+    "method": Field("str", "pfedlora", "the federated method"),
+    "store": Field("str", "memory", "where client states live between rounds", choices=("memory", "disk")),
+    "synthetic.num_samples": Field("int", 2000, "synthetic data: samples in all", low=10),
+    "synthetic.num_classes": Field("int", 10, "synthetic data: classes", low=2, high=1000),
+    "synthetic.image_shape": Field("list[int]", [1, 16, 16], "synthetic data: [channels, size, size]",
+                                   check=_image_shape),
+    "synthetic.noise": Field("float", 0.5, "synthetic data: noise scale relative to the class signal",
+                             low=0.0),
+}
+
+NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "fmnist": 10}
+
+
+def full_schema() -> dict[str, Field]:
+    """The top-level schema plus every registered method's table (`<method>.<key>`)."""
+    from pfl.algorithms import ALGORITHMS
+
+    schema = dict(SCHEMA)
+    for name, algorithm in ALGORITHMS.items():
+        for key, field in algorithm.SETTINGS.items():
+            schema[f"{name}.{key}"] = field
+    return schema
+
+
+class Config:
+    """A validated recipe: flat dotted keys; attribute access for top-level keys."""
+
+    def __init__(self, values: dict[str, Any]):
+        object.__setattr__(self, "_values", dict(values))
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self._values[key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+    def __getitem__(self, key: str) -> Any:
+        return self._values[key]
+
+    def table(self, prefix: str) -> dict[str, Any]:
+        """The settings under `prefix.` (e.g. a method's own settings) without the prefix."""
+        p = prefix + "."
+        return {k[len(p):]: v for k, v in self._values.items() if k.startswith(p)}
+
+    @property
+    def num_classes(self) -> int:
+        if self.dataset == "synthetic":
+            return self._values["synthetic.num_classes"]
+        return NUM_CLASSES[self.dataset]
+
+    def as_flat(self) -> dict[str, Any]:
+        return dict(self._values)
+
+    def as_nested(self) -> dict[str, Any]:
+        """Nested form for writing TOML: dotted keys become tables."""
+        out: dict[str, Any] = {}
+        for key, value in self._values.items():
+            node = out
+            *parents, leaf = key.split(".")
+            for p in parents:
+                node = node.setdefault(p, {})
+            node[leaf] = value
+        return out
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, dotted + "."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def list_recipes() -> dict[str, Path]:
+    """Bundled recipes, by name."""
+    root = resources.files("pfl.recipes")
+    return {Path(p.name).stem: Path(str(p)) for p in root.iterdir() if p.name.endswith(".toml")}
+
+
+def read_recipe_file(name_or_path: str) -> tuple[dict[str, Any], str]:
+    """Return the raw (flattened) recipe and where it came from: a bundled name or a TOML path."""
+    recipes = list_recipes()
+    if name_or_path in recipes:
+        path = recipes[name_or_path]
+    else:
+        path = Path(name_or_path)
+        if not (name_or_path.endswith(".toml") or path.exists()):
+            raise ConfigError(
+                f"--recipe: unknown recipe '{name_or_path}'; bundled recipes are "
+                f"{', '.join(sorted(recipes))}, or give a path to a .toml file"
+            )
+        if not path.is_file():
+            raise ConfigError(f"--recipe: file '{path}' does not exist or is not a file")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--recipe: '{path}' is not valid TOML: {exc}") from None
+    return _flatten(data), str(path)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`key=value` with the value read as TOML (numbers, true/false, [lists], "strings"); a bare word
+    that is not TOML is taken as a string, so `--set dataset=fmnist` works without quotes."""
+    if "=" not in text:
+        raise ConfigError(f"--set '{text}': expected key=value, e.g. --set rounds=20")
+    key, raw = text.split("=", 1)
+    key, raw = key.strip(), raw.strip()
+    if not key:
+        raise ConfigError(f"--set '{text}': the key is empty")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key, value
+
+
+def resolve(raw: dict[str, Any], overrides: dict[str, Any] | None = None) -> Config:
+    """Defaults <- recipe <- overrides, each key validated; then cross-key checks."""
+    schema = full_schema()
+    values = {key: field.default for key, field in schema.items()}
+    for source, items in (("recipe", raw), ("--set", overrides or {})):
+        for key, value in items.items():
+            if key not in schema:
+                raise ConfigError(_unknown_key(key, schema, source))
+            values[key] = schema[key].coerce(key, value)
+    cfg = Config(values)
+    _cross_checks(cfg)
+    return cfg
+
+
+def _unknown_key(key: str, schema: dict[str, Field], source: str) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(key, list(schema), n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; `pfl recipes --keys` lists them all"
+    return f"{source} key '{key}': unknown recipe key{hint}"
+
+
+def _cross_checks(cfg: Config) -> None:
+    from pfl.algorithms import ALGORITHMS
+    from pfl.models import MODEL_REGISTRY
+
+    if cfg.method not in ALGORITHMS:
+        raise ConfigError(f"recipe key 'method': must be one of {', '.join(sorted(ALGORITHMS))}, "
+                          f"got {cfg.method!r}")
+    for name in cfg.model_zoo:
+        if name not in MODEL_REGISTRY:
+            raise ConfigError(f"recipe key 'model_zoo': unknown model {name!r}; known models are "
+                              f"{', '.join(sorted(MODEL_REGISTRY))}")
+    if cfg.partition == "pathological" and cfg.classes_per_client > cfg.num_classes:
+        raise ConfigError(f"recipe key 'classes_per_client': must be <= the {cfg.num_classes} classes "
+                          f"of {cfg.dataset}, got {cfg.classes_per_client}")
+    ALGORITHMS[cfg.method].check_config(cfg)
+
+
+def load(recipe: str, overrides: list[str] | None = None, seed: int | None = None) -> tuple[Config, str]:
+    """Read, override and validate a recipe; returns the config and the recipe's source."""
+    raw, source = read_recipe_file(recipe)
+    parsed = dict(parse_override(o) for o in overrides or [])
+    if seed is not None:
+        parsed["seed"] = seed
+    return resolve(raw, parsed), source

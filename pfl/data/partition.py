@@ -1,0 +1,137 @@
+"""Partitioners: pooled labels -> per-client sample indices, then a per-client train/test split.
+
+All are deterministic functions of (labels, settings, seed). Definitions (ALGORITHMS.md):
+- pathological: each client holds `classes_per_client` distinct classes. Classes are dealt so that holders
+  are as balanced as possible (each client takes the least-held classes, ties broken by the seed). A class
+  is shared among its holders in proportions drawn from U(0.4, 0.6), normalised. A class nobody holds
+  (only when N * classes_per_client < number of classes) is left unused.
+- dirichlet: for each class, proportions over clients ~ Dir(alpha); redrawn (up to 100 times) until every
+  client holds at least `min_samples` samples.
+- iid: a seeded permutation cut into N near-equal parts.
+The train/test split is stratified per client and class, so both share the client's label distribution;
+a class with a single sample goes to the training side, so every client always has something to train on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pfl.errors import ConfigError
+
+
+@dataclass
+class ClientData:
+    """One client's private data, uint8 images and int64 labels."""
+
+    client_id: int
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+
+    @property
+    def num_train(self) -> int:
+        return len(self.y_train)
+
+
+def pathological(labels: np.ndarray, num_clients: int, classes_per_client: int, num_classes: int,
+                 rng: np.random.Generator) -> list[np.ndarray]:
+    if classes_per_client > num_classes:
+        raise ConfigError(f"recipe key 'classes_per_client': must be <= {num_classes}, got {classes_per_client}")
+    held = np.zeros(num_classes, dtype=np.int64)
+    client_classes: list[np.ndarray] = []
+    for _ in range(num_clients):
+        tiebreak = rng.random(num_classes)
+        order = np.lexsort((tiebreak, held))  # least-held classes first, random among equals
+        chosen = np.sort(order[:classes_per_client])
+        held[chosen] += 1
+        client_classes.append(chosen)
+    parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
+    for c in range(num_classes):
+        holders = [k for k in range(num_clients) if c in client_classes[k]]
+        if not holders:
+            continue
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        shares = rng.uniform(0.4, 0.6, size=len(holders))
+        cuts = _cuts(len(idx), shares / shares.sum())
+        for k, piece in zip(holders, np.split(idx, cuts)):
+            parts[k].append(piece)
+    return [np.sort(np.concatenate(p)) if p else np.empty(0, dtype=np.int64) for p in parts]
+
+
+def dirichlet(labels: np.ndarray, num_clients: int, alpha: float, num_classes: int,
+              rng: np.random.Generator, min_samples: int = 10) -> list[np.ndarray]:
+    need = min(min_samples, len(labels) // num_clients)
+    for _ in range(100):
+        parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
+        for c in range(num_classes):
+            idx = rng.permutation(np.flatnonzero(labels == c))
+            if len(idx) == 0:
+                continue
+            props = rng.dirichlet(np.full(num_clients, alpha))
+            for k, piece in enumerate(np.split(idx, _cuts(len(idx), props))):
+                parts[k].append(piece)
+        out = [np.sort(np.concatenate(p)) for p in parts]
+        if min(len(p) for p in out) >= max(need, 1):
+            return out
+    raise ConfigError(f"recipe key 'dirichlet_alpha': with alpha={alpha} and {num_clients} clients some client "
+                      f"got fewer than {need} samples in 100 draws; raise dirichlet_alpha or lower num_clients")
+
+
+def iid(num_samples: int, num_clients: int, rng: np.random.Generator) -> list[np.ndarray]:
+    return [np.sort(p) for p in np.array_split(rng.permutation(num_samples), num_clients)]
+
+
+def _cuts(n: int, proportions: np.ndarray) -> np.ndarray:
+    """Cut points splitting n items by proportions (largest-remainder rounding, sums to n)."""
+    raw = proportions * n
+    counts = np.floor(raw).astype(np.int64)
+    remainder = n - counts.sum()
+    counts[np.argsort(-(raw - counts), kind="stable")[:remainder]] += 1
+    return np.cumsum(counts)[:-1]
+
+
+def split_train_test(indices: np.ndarray, labels: np.ndarray, test_fraction: float,
+                     rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified per class: round(test_fraction * n_c) test samples per class, at least one left to train."""
+    train, test = [], []
+    for c in np.unique(labels[indices]):
+        idx = rng.permutation(indices[labels[indices] == c])
+        n_test = min(int(round(test_fraction * len(idx))), len(idx) - 1)
+        test.append(idx[:n_test])
+        train.append(idx[n_test:])
+    if not train:
+        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+
+
+def partition_indices(labels: np.ndarray, cfg, num_classes: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per client (train indices, test indices) into the pooled data set, from the recipe's settings."""
+    rng = np.random.default_rng([cfg.seed, 1])
+    n = cfg.num_clients
+    if n > len(labels):
+        raise ConfigError(f"recipe key 'num_clients': must be <= the {len(labels)} samples of the data set, "
+                          f"got {n}")
+    if cfg.partition == "pathological":
+        parts = pathological(labels, n, cfg.classes_per_client, num_classes, rng)
+    elif cfg.partition == "dirichlet":
+        parts = dirichlet(labels, n, cfg.dirichlet_alpha, num_classes, rng)
+    else:
+        parts = iid(len(labels), n, rng)
+    empty = [k for k, p in enumerate(parts) if len(p) == 0]
+    if empty:
+        raise ConfigError(f"recipe key 'num_clients': {len(empty)} clients got no samples with this partition; "
+                          f"lower num_clients or use more data")
+    return [split_train_test(p, labels, cfg.test_fraction, rng) for p in parts]
+
+
+def build_clients(dataset, cfg) -> list[ClientData]:
+    labels = dataset.y.numpy()
+    clients = []
+    for k, (tr, te) in enumerate(partition_indices(labels, cfg, dataset.num_classes)):
+        tr_t, te_t = torch.from_numpy(tr), torch.from_numpy(te)
+        clients.append(ClientData(k, dataset.x[tr_t], dataset.y[tr_t], dataset.x[te_t], dataset.y[te_t]))
+    return clients

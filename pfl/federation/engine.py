@@ -1,0 +1,236 @@
+"""The `local` engine: rounds run in this process, clients one after another, on one device.
+
+The loop knows nothing about any method: it samples clients, loads each one's private state into a module
+(one cached module per architecture), lets the method's phases train through one reused lean Lightning
+Trainer, collects uploads, calls the method's server step, and evaluates every client's personalised
+model every `eval_every` rounds. Bytes are counted from the payloads actually exchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+
+from pfl.algorithms.base import Algorithm, ClientModule, Tensors, Upload, payload_bytes, payload_params
+from pfl.config import Config
+from pfl.data.batches import TensorBatches
+from pfl.data.partition import ClientData
+from pfl.errors import PflUserError
+from pfl.federation.seeding import derive_seed
+
+EVAL_BATCH_SIZE = 512
+
+
+def quiet_lightning() -> None:
+    """Client fits are many and short: Lightning's per-fit banners and hints would drown the run's output."""
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+    warnings.filterwarnings("ignore", message=".*`isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
+
+
+def make_trainer(accelerator: str = "cpu", devices: Any = 1, precision: str = "32-true",
+                 grad_clip: float = 0.0) -> L.Trainer:
+    """One lean Trainer for all client fits of a run: no logger, checkpoints, progress bar or summary.
+
+    Raises PflUserError when the hardware lacks the accelerator or precision asked for.
+    """
+    quiet_lightning()
+    try:
+        return L.Trainer(
+            accelerator=accelerator, devices=devices, precision=precision, max_epochs=0,
+            logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+            num_sanity_val_steps=0, log_every_n_steps=1_000_000,
+            gradient_clip_val=grad_clip if grad_clip > 0 else None, gradient_clip_algorithm="norm",
+        )
+    except Exception as exc:  # Lightning raises several types for unavailable hardware
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PflUserError(f"--accelerator/--devices/--precision: {accelerator}/{devices}/{precision} "
+                           f"cannot be used here: {first}") from None
+
+
+class ClientRunner:
+    """Trains and evaluates client modules with one reused Trainer.
+
+    A reused Trainer's `fit` is a silent no-op unless `fit_loop.max_epochs` is raised first; this class
+    raises it before every fit and checks afterwards that steps actually ran.
+    """
+
+    def __init__(self, trainer: L.Trainer):
+        self.trainer = trainer
+
+    def fit_phases(self, module: ClientModule, data: ClientData, batch_size: int, seed: int) -> dict[str, float]:
+        losses = {}
+        for phase in module.phases():
+            module.set_phase(phase.name)
+            torch.manual_seed(derive_seed(seed, phase.name, "augment"))
+            batches = TensorBatches(data.x_train, data.y_train, batch_size, shuffle=True,
+                                    seed=derive_seed(seed, phase.name, "order"))
+            self.trainer.fit_loop.max_epochs = self.trainer.current_epoch + phase.epochs
+            self.trainer.fit(module, train_dataloaders=batches)
+            expected = phase.epochs * len(batches)
+            if module._loss_steps != expected:
+                raise RuntimeError(f"phase {phase.name!r} of client {data.client_id} ran {module._loss_steps} "
+                                   f"steps, expected {expected}")
+            losses[phase.name] = module.mean_phase_loss()
+        return losses
+
+    def evaluate(self, module: ClientModule, x: torch.Tensor, y: torch.Tensor) -> float:
+        """Top-1 accuracy on (x, y); NaN for an empty test set."""
+        if len(y) == 0:
+            return math.nan
+        module.val_accuracy.reset()
+        self.trainer.validate(module, dataloaders=TensorBatches(x, y, EVAL_BATCH_SIZE, shuffle=False),
+                              verbose=False)
+        acc = float(module.val_accuracy.compute())
+        module.val_accuracy.reset()
+        return acc
+
+
+class Callbacks:
+    """What a front end (the CLI's progress display, a notebook) hears from a run. All optional."""
+
+    def on_round_start(self, round_idx: int, sampled: list[int]) -> None: ...
+
+    def on_client_done(self, round_idx: int, client_id: int, done: int, total: int) -> None: ...
+
+    def on_evaluate_start(self, round_idx: int) -> None: ...
+
+    def on_round_end(self, record: dict[str, Any]) -> None: ...
+
+
+def sample_clients(num_clients: int, participation: float, seed: int, round_idx: int) -> list[int]:
+    """K = max(1, round(C * N)) distinct clients (round half up), seeded per round."""
+    k = max(1, int(math.floor(participation * num_clients + 0.5)))
+    rng = np.random.default_rng([seed, 2, round_idx])
+    return sorted(int(c) for c in rng.choice(num_clients, size=k, replace=False))
+
+
+def summarise_accuracies(accs: list[float], weights: list[int]) -> dict[str, float]:
+    """Unweighted mean (the headline), sample-weighted mean, std, min, max over clients with a test set."""
+    pairs = [(a, w) for a, w in zip(accs, weights) if not math.isnan(a)]
+    if not pairs:
+        return {k: math.nan for k in ("acc_mean", "acc_weighted", "acc_std", "acc_min", "acc_max")}
+    a = np.array([p[0] for p in pairs])
+    w = np.array([p[1] for p in pairs], dtype=np.float64)
+    return {"acc_mean": float(a.mean()), "acc_weighted": float((a * w).sum() / w.sum()),
+            "acc_std": float(a.std()), "acc_min": float(a.min()), "acc_max": float(a.max())}
+
+
+@dataclass
+class RunState:
+    """Everything the loop carries from round to round besides the client store."""
+
+    global_state: Tensors
+    round: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    last_accuracies: list[float] = field(default_factory=list)
+
+
+class FederatedRun:
+    def __init__(self, cfg: Config, clients: list[ClientData], architectures: list[str], algorithm: Algorithm,
+                 store, runner: ClientRunner, callbacks: Callbacks | None = None):
+        self.cfg = cfg
+        self.clients = clients
+        self.architectures = architectures
+        self.algorithm = algorithm
+        self.store = store
+        self.runner = runner
+        self.callbacks = callbacks or Callbacks()
+        self._modules: dict[str, ClientModule] = {}
+        self.state = RunState(global_state={})
+
+    # -- set-up -----------------------------------------------------------------------------
+    def initialise(self) -> None:
+        """Seeded initial server state and every client's initial private state (into the store)."""
+        torch.manual_seed(derive_seed(self.cfg.seed, "server-init"))
+        self.state = RunState(global_state=self.algorithm.initial_global())
+        for k, arch in enumerate(self.architectures):
+            torch.manual_seed(derive_seed(self.cfg.seed, "client-init", k))
+            module = self.algorithm.make_client(arch)
+            module.receive(self.algorithm.download(self.state.global_state, k))
+            self.store.put(k, module.private_state())
+
+    def module_for(self, client_id: int) -> ClientModule:
+        """The cached module of the client's architecture, loaded with the client's private state."""
+        arch = self.architectures[client_id]
+        if arch not in self._modules:
+            self._modules[arch] = self.algorithm.make_client(arch)
+        module = self._modules[arch]
+        module.load_private_state(self.store.get(client_id))
+        return module
+
+    # -- rounds -----------------------------------------------------------------------------
+    def run(self) -> RunState:
+        while self.state.round < self.cfg.rounds:
+            self.run_round()
+        return self.state
+
+    def run_round(self) -> dict[str, Any]:
+        t = self.state.round + 1
+        started = time.perf_counter()
+        sampled = sample_clients(len(self.clients), self.cfg.participation, self.cfg.seed, t)
+        self.callbacks.on_round_start(t, sampled)
+        uploads: list[Upload] = []
+        losses: dict[str, list[float]] = {}
+        bytes_down = bytes_up = params_down = params_up = 0
+        for i, k in enumerate(sampled):
+            module = self.module_for(k)
+            payload = self.algorithm.download(self.state.global_state, k)
+            bytes_down += payload_bytes(payload)
+            params_down += payload_params(payload)
+            module.receive(payload)
+            for phase, loss in self.runner.fit_phases(module, self.clients[k], self.cfg.batch_size,
+                                                      derive_seed(self.cfg.seed, "fit", t, k)).items():
+                losses.setdefault(phase, []).append(loss)
+            upload = Upload(k, self.clients[k].num_train, module.upload())
+            bytes_up += payload_bytes(upload.tensors)
+            params_up += payload_params(upload.tensors)
+            uploads.append(upload)
+            self.store.put(k, module.private_state())
+            self.callbacks.on_client_done(t, k, i + 1, len(sampled))
+        self.state.global_state = self.algorithm.aggregate(self.state.global_state, uploads)
+        train_seconds = time.perf_counter() - started
+
+        record: dict[str, Any] = {"round": t, "clients": len(sampled)}
+        phase_names = list(losses)
+        record["train_loss"] = float(np.mean(losses[phase_names[0]])) if phase_names else math.nan
+        for name in phase_names:
+            record[f"loss_{name}"] = float(np.mean(losses[name]))
+        record.update(params_up=params_up, params_down=params_down, bytes_up=bytes_up, bytes_down=bytes_down)
+        cumulative = (self.state.history[-1]["bytes_cumulative"] if self.state.history else 0)
+        record["bytes_cumulative"] = cumulative + bytes_up + bytes_down
+
+        eval_seconds = 0.0
+        if t % self.cfg.eval_every == 0 or t == self.cfg.rounds:
+            self.callbacks.on_evaluate_start(t)
+            eval_started = time.perf_counter()
+            accs = self.evaluate_all()
+            eval_seconds = time.perf_counter() - eval_started
+            self.state.last_accuracies = accs
+            record.update(summarise_accuracies(accs, [len(c.y_test) for c in self.clients]))
+        else:
+            record.update({k: math.nan for k in ("acc_mean", "acc_weighted", "acc_std", "acc_min", "acc_max")})
+        record.update(train_seconds=round(train_seconds, 4), eval_seconds=round(eval_seconds, 4))
+        self.state.round = t
+        self.state.history.append(record)
+        self.callbacks.on_round_end(record)
+        return record
+
+    def evaluate_all(self) -> list[float]:
+        """Personalised accuracy of every client on its own test set (the store is not modified)."""
+        accs = []
+        for k, data in enumerate(self.clients):
+            module = self.module_for(k)
+            module.prepare_eval(self.algorithm.download(self.state.global_state, k))
+            accs.append(self.runner.evaluate(module, data.x_test, data.y_test))
+        return accs
