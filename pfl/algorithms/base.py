@@ -142,6 +142,11 @@ class ClientModule(L.LightningModule):
     def mean_phase_loss(self) -> float:
         return float(self._loss_sum) / max(self._loss_steps, 1)
 
+    def on_train_start(self) -> None:
+        # Lightning 2.6 keeps whatever mode modules are in; evaluation or a previous phase may have left
+        # them in eval mode. Phases that need frozen parts in eval mode set that in on_train_epoch_start.
+        self.train()
+
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         x, y = batch
         return self.transform(x, train=self.training), y

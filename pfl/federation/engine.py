@@ -27,6 +27,7 @@ from pfl.errors import PflUserError
 from pfl.federation.seeding import derive_seed
 
 EVAL_BATCH_SIZE = 512
+PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
 
 
 def quiet_lightning() -> None:
@@ -35,6 +36,9 @@ def quiet_lightning() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+    warnings.filterwarnings("ignore", message=".*but have no `val_dataloader`.*")
+    warnings.filterwarnings("ignore", message=".*AMP with fp16 is not supported on CPU.*")
+    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode at the start of training.*")
     warnings.filterwarnings("ignore", message=".*`isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
 
 
@@ -45,8 +49,10 @@ def make_trainer(accelerator: str = "cpu", devices: Any = 1, precision: str = "3
     Raises PflUserError when the hardware lacks the accelerator or precision asked for.
     """
     quiet_lightning()
+    if precision not in PRECISIONS:
+        raise PflUserError(f"--precision: must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     try:
-        return L.Trainer(
+        trainer = L.Trainer(
             accelerator=accelerator, devices=devices, precision=precision, max_epochs=0,
             logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
             num_sanity_val_steps=0, log_every_n_steps=1_000_000,
@@ -56,6 +62,12 @@ def make_trainer(accelerator: str = "cpu", devices: Any = 1, precision: str = "3
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise PflUserError(f"--accelerator/--devices/--precision: {accelerator}/{devices}/{precision} "
                            f"cannot be used here: {first}") from None
+    on_cpu = type(trainer.accelerator).__name__ == "CPUAccelerator"
+    if on_cpu and precision in ("16-mixed", "16-true"):
+        # Lightning would silently switch 16-mixed to bf16 on a CPU; say so instead of running something else.
+        raise PflUserError(f"--precision: {precision} (float16) needs a GPU and this run is on the CPU; "
+                           f"use bf16-mixed or 32-true")
+    return trainer
 
 
 class ClientRunner:

@@ -1,0 +1,1 @@
+"""The `pfl` command line (Typer)."""

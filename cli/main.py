@@ -1,0 +1,198 @@
+"""`pfl`: the command line. Thin: parses, shows progress and tables, and turns user errors into exit 2."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any, List, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Model-heterogeneous personalized federated learning: pFedLoRA and baselines.")
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _fail(message: str) -> None:
+    """One line on stderr naming the problem, exit code 2."""
+    err_console.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
+    raise typer.Exit(code=2)
+
+
+def _parse_devices(text: str) -> Any:
+    text = text.strip()
+    if text.isdigit():
+        return int(text)
+    if text.startswith("[") and text.endswith("]"):
+        try:
+            return [int(p) for p in text[1:-1].split(",") if p.strip()]
+        except ValueError:
+            pass
+    _fail(f"--devices: must be a count (1) or one device index in brackets ([0]), got {text!r}")
+
+
+class ProgressCallbacks:
+    """One rich progress display for the whole run: rounds, clients in the current round, latest accuracy."""
+
+    def __init__(self, progress: Progress, rounds: int):
+        self.progress = progress
+        self.rounds_task = progress.add_task("rounds", total=rounds, acc="-")
+        self.clients_task = progress.add_task("clients", total=1, acc="")
+        self.latest = "-"
+
+    def on_round_start(self, round_idx: int, sampled: list[int]) -> None:
+        self.progress.reset(self.clients_task, total=len(sampled), description=f"round {round_idx} clients")
+
+    def on_client_done(self, round_idx: int, client_id: int, done: int, total: int) -> None:
+        self.progress.update(self.clients_task, completed=done)
+
+    def on_evaluate_start(self, round_idx: int) -> None:
+        self.progress.update(self.clients_task, description=f"round {round_idx} evaluating")
+
+    def on_round_end(self, record: dict[str, Any]) -> None:
+        if not math.isnan(record["acc_mean"]):
+            self.latest = f"{100 * record['acc_mean']:.2f}%"
+        self.progress.update(self.rounds_task, advance=1, acc=self.latest)
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("mean acc {task.fields[acc]}"), TimeElapsedColumn(), console=console,
+                    transient=False)
+
+
+@app.command()
+def train(
+    recipe: str = typer.Option(..., "--recipe", "-r", help="bundled recipe name (see `pfl recipes`) or a .toml path"),
+    set_: Optional[List[str]] = typer.Option(None, "--set", "-s", help="override a recipe key: key=value"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="run directory to create (must not exist)"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="overrides the recipe's seed"),
+    precision: str = typer.Option("32-true", "--precision", help="32-true, bf16-mixed, 16-mixed (GPU), ..."),
+    accelerator: str = typer.Option("cpu", "--accelerator", help="cpu, gpu, cuda, mps, auto"),
+    devices: str = typer.Option("1", "--devices", help="1, or one device index such as [1]"),
+) -> None:
+    """Run a recipe and write a run directory (config, metrics.csv, summary.json, plot, final state)."""
+    from pfl import config
+    from pfl.errors import PflUserError
+    from pfl.run import Hardware, prepare_output
+    from pfl import run as run_mod
+
+    try:
+        cfg, source = config.load(recipe, set_ or [], seed)
+        target = out or Path("runs") / f"{cfg.name}-{cfg.method}-{datetime.now():%Y%m%d-%H%M%S}"
+        prepare_output(target)
+        hw = Hardware(accelerator, _parse_devices(devices), precision)
+        console.print(f"[bold]pfl train[/] {cfg.method} on {cfg.dataset}: N={cfg.num_clients}, "
+                      f"C={cfg.participation}, T={cfg.rounds}, {cfg.partition} partition, {cfg.model_setting} "
+                      f"models, seed {cfg.seed} -> {target}")
+        with _progress() as progress:
+            summary = run_mod.train(cfg, target, hw, ProgressCallbacks(progress, cfg.rounds), source)
+    except PflUserError as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        err_console.print("interrupted: nothing was written")
+        raise typer.Exit(code=130)
+    _print_run(Path(target).expanduser().absolute(), summary)
+
+
+def _print_run(run_dir: Path, summary: dict[str, Any]) -> None:
+    from pfl.run import read_per_client
+
+    table = Table(title=f"personalised accuracy per client (round {summary['final']['round']})")
+    for col in ("client", "arch", "train", "test", "accuracy"):
+        table.add_column(col, justify="right" if col != "arch" else "left")
+    for row in read_per_client(run_dir):
+        acc = float(row["accuracy"]) if row["accuracy"] not in ("", "nan") else math.nan
+        table.add_row(row["client_id"], row["arch"], row["num_train"], row["num_test"],
+                      "-" if math.isnan(acc) else f"{100 * acc:.2f}%")
+    console.print(table)
+    final, best = summary["final"], summary["best"]
+    totals = Table(title="run summary", show_header=False)
+    totals.add_column("", style="bold")
+    totals.add_column("")
+    totals.add_row("final mean accuracy", f"{100 * final['acc_mean']:.2f}% (weighted {100 * final['acc_weighted']:.2f}%, "
+                   f"std {100 * final['acc_std']:.2f}, min {100 * final['acc_min']:.2f}%)")
+    totals.add_row("best mean accuracy", f"{100 * best['acc_mean']:.2f}% at round {best['round']} (not the final result)")
+    totals.add_row("evaluation", summary["evaluation"])
+    rounds = max(summary["rounds"], 1)
+    totals.add_row("bytes per round", f"up {summary['bytes_up_total'] / rounds:,.0f}, "
+                   f"down {summary['bytes_down_total'] / rounds:,.0f}")
+    totals.add_row("time", f"{summary['wall_seconds']:.1f} s in all, {summary['train_seconds_per_round']:.2f} s "
+                   f"training per round")
+    totals.add_row("run directory", str(run_dir))
+    console.print(totals)
+
+
+@app.command("eval")
+def eval_(
+    run_dir: Path = typer.Argument(..., help="a run directory written by `pfl train`"),
+    data_dir: Optional[str] = typer.Option(None, "--data-dir", help="where the data set is, if it moved"),
+    precision: str = typer.Option("32-true", "--precision"),
+    accelerator: str = typer.Option("cpu", "--accelerator"),
+    devices: str = typer.Option("1", "--devices"),
+    as_json: bool = typer.Option(False, "--json", help="print per-client accuracies as JSON"),
+) -> None:
+    """Reload a run's saved state and recompute every client's personalised test accuracy."""
+    from pfl.errors import PflUserError
+    from pfl.run import Hardware, evaluate_run, read_per_client
+
+    try:
+        cfg, rows = evaluate_run(run_dir, Hardware(accelerator, _parse_devices(devices), precision), data_dir)
+        recorded = {r["client_id"]: r["accuracy"] for r in read_per_client(run_dir)} \
+            if (run_dir / "per_client.csv").is_file() else {}
+    except PflUserError as exc:
+        _fail(str(exc))
+    if as_json:
+        print(json.dumps([{**r, "accuracy": None if math.isnan(r["accuracy"]) else r["accuracy"]} for r in rows]))
+        return
+    table = Table(title=f"re-evaluated {run_dir}")
+    for col in ("client", "arch", "test", "accuracy", "recorded at train"):
+        table.add_column(col, justify="left" if col == "arch" else "right")
+    accs = []
+    for r in rows:
+        rec = recorded.get(str(r["client_id"]), "")
+        accs.append(r["accuracy"])
+        table.add_row(str(r["client_id"]), r["arch"], str(r["num_test"]),
+                      "-" if math.isnan(r["accuracy"]) else f"{100 * r['accuracy']:.2f}%",
+                      f"{100 * float(rec):.2f}%" if rec not in ("", "nan") else "-")
+    console.print(table)
+    valid = [a for a in accs if not math.isnan(a)]
+    console.print(f"mean accuracy {100 * sum(valid) / max(len(valid), 1):.2f}% over {len(valid)} clients")
+
+
+@app.command()
+def recipes(keys: bool = typer.Option(False, "--keys", help="list every recipe key with its default")) -> None:
+    """List the bundled recipes (or, with --keys, every recipe key)."""
+    from pfl import config
+
+    if keys:
+        table = Table(title="recipe keys")
+        for col in ("key", "default", "allowed", "meaning"):
+            table.add_column(col)
+        for key, field in config.full_schema().items():
+            table.add_row(key, repr(field.default), field.describe(), field.help)
+        console.print(table)
+        return
+    table = Table(title="recipes")
+    table.add_column("name", style="bold")
+    table.add_column("description")
+    for name, path in sorted(config.list_recipes().items()):
+        raw, _ = config.read_recipe_file(str(path))
+        table.add_row(name, raw.get("description", ""))
+    console.print(table)
+
+
+def main() -> None:  # pragma: no cover - entry for `python -m cli.main`
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

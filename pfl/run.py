@@ -1,0 +1,276 @@
+"""A whole run: recipe -> data -> partition -> method -> rounds -> run directory; and re-evaluation of one.
+
+Run directory layout (written to a hidden sibling and renamed into place only when complete, so a failed
+or interrupted run leaves nothing half-written under the requested name):
+
+    config.toml          the resolved recipe (every key, defaults included)
+    metrics.csv          one row per round: losses, bytes/params up and down, accuracy summary, seconds
+    per_client.csv       final personalised accuracy of every client, with its architecture and sizes
+    summary.json         final and best (labelled) accuracy, totals, timings, versions
+    accuracy.png         mean accuracy vs round, with the min-max band over clients
+    state/global.safetensors, state/clients/client_NNNNN.safetensors   what `pfl eval` reloads
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import platform
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+import pfl
+from pfl import config as config_mod
+from pfl.algorithms import ALGORITHMS, Algorithm, TaskSpec
+from pfl.config import Config
+from pfl.data import BatchTransform, build_clients, load_dataset
+from pfl.data.partition import ClientData
+from pfl.errors import PflUserError, RunDirError
+from pfl.federation import Callbacks, ClientRunner, DiskStore, FederatedRun, MemoryStore, make_trainer
+from pfl.models import assign_architectures
+
+
+@dataclass
+class Hardware:
+    accelerator: str = "cpu"
+    devices: Any = 1
+    precision: str = "32-true"
+
+
+@dataclass
+class Setup:
+    cfg: Config
+    clients: list[ClientData]
+    architectures: list[str]
+    algorithm: Algorithm
+
+
+def check_hardware(hw: Hardware) -> None:
+    """Fail fast (before any data or output) when the hardware request cannot be met."""
+    count = hw.devices if isinstance(hw.devices, int) else None
+    if count is not None and count > 1:
+        raise PflUserError(f"--devices: the local engine trains one client at a time on one device; use 1 "
+                           f"(or one device index such as [1]), got {hw.devices}")
+    if isinstance(hw.devices, list) and len(hw.devices) != 1:
+        raise PflUserError(f"--devices: the local engine uses exactly one device, got {hw.devices}")
+    make_trainer(hw.accelerator, hw.devices, hw.precision)
+
+
+def build(cfg: Config) -> Setup:
+    """Data, partition, architectures and the method object for a validated recipe."""
+    dataset = load_dataset(cfg)
+    clients = build_clients(dataset, cfg)
+    architectures = assign_architectures(cfg.num_clients, cfg.model_setting, cfg.model_zoo)
+    spec = TaskSpec(dataset.image_shape, dataset.num_classes, cfg.representation_dim,
+                    BatchTransform(dataset.mean, dataset.std, augment=cfg.augment))
+    _check_models_fit(architectures, spec)
+    return Setup(cfg, clients, architectures, ALGORITHMS[cfg.method](cfg, spec))
+
+
+def _check_models_fit(architectures: list[str], spec: TaskSpec) -> None:
+    from pfl.models import build_model
+
+    for arch in sorted(set(architectures)):
+        try:
+            build_model(arch, spec.image_shape, spec.num_classes, spec.representation_dim)
+        except ValueError as exc:
+            raise PflUserError(f"recipe key 'model_zoo': {exc}") from None
+
+
+def prepare_output(out: Path) -> Path:
+    """Check that `out` can be created and is not an existing non-empty directory; return the staging dir."""
+    out = out.expanduser().absolute()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise RunDirError(f"--out: '{out}' already exists and is not empty; choose a new directory")
+    ancestor = out.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    try:  # os.access lies for root and for special file systems: really try
+        if not ancestor.is_dir():
+            raise OSError("not a directory")
+        os.rmdir(tempfile.mkdtemp(prefix=".pfl-probe-", dir=ancestor))
+    except OSError:
+        raise RunDirError(f"--out: cannot create '{out}': '{ancestor}' is not a writable directory") from None
+    return out.parent / f".{out.name}.partial-{os.getpid()}"
+
+
+def train(cfg: Config, out: Path, hw: Hardware, callbacks: Callbacks | None = None,
+          recipe_source: str = "") -> dict[str, Any]:
+    """Run the recipe and write the run directory `out`. Returns the summary."""
+    out = out.expanduser().absolute()
+    staging = prepare_output(out)
+    check_hardware(hw)
+    setup = build(cfg)  # data problems surface here, before anything is written
+    trainer = make_trainer(hw.accelerator, hw.devices, hw.precision, cfg.grad_clip)
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    try:
+        store = DiskStore(staging / "state" / "clients") if cfg.store == "disk" else MemoryStore()
+        run = FederatedRun(cfg, setup.clients, setup.architectures, setup.algorithm, store,
+                           ClientRunner(trainer), callbacks)
+        started = time.perf_counter()
+        run.initialise()
+        state = run.run()
+        wall = time.perf_counter() - started
+        summary = _write_run(staging, setup, run, state, wall, hw, recipe_source)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if out.exists():
+            out.rmdir()  # checked empty above
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return summary
+
+
+def _versions() -> dict[str, str]:
+    import lightning
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "lightning": lightning.__version__,
+            "pfl": pfl.__version__}
+
+
+def _write_run(root: Path, setup: Setup, run: FederatedRun, state, wall: float, hw: Hardware,
+               recipe_source: str) -> dict[str, Any]:
+    cfg = setup.cfg
+    (root / "config.toml").write_text(tomli_w.dumps(cfg.as_nested()), encoding="utf-8")
+    write_metrics_csv(root / "metrics.csv", state.history)
+    per_client = [{"client_id": c.client_id, "arch": a, "num_train": c.num_train, "num_test": len(c.y_test),
+                   "accuracy": acc} for c, a, acc in zip(setup.clients, setup.architectures, state.last_accuracies)]
+    with open(root / "per_client.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(per_client[0]))
+        writer.writeheader()
+        writer.writerows(per_client)
+    (root / "state" / "clients").mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.global_state.items()} or {"_empty": torch.zeros(0)},
+              str(root / "state" / "global.safetensors"))
+    if cfg.store == "memory":
+        for k in range(len(setup.clients)):
+            save_file(run.store.get(k), str(root / "state" / "clients" / f"client_{k:05d}.safetensors"))
+    evaluated = [r for r in state.history if not math.isnan(r["acc_mean"])]
+    best = max(evaluated, key=lambda r: r["acc_mean"])
+    final = evaluated[-1]
+    summary = {
+        "method": cfg.method, "dataset": cfg.dataset, "recipe": cfg.name, "recipe_source": recipe_source,
+        "seed": cfg.seed, "rounds": state.round, "num_clients": cfg.num_clients,
+        "evaluation": _evaluation_label(cfg),
+        "final": {k: final[k] for k in ("round", "acc_mean", "acc_weighted", "acc_std", "acc_min", "acc_max")},
+        "best": {"round": best["round"], "acc_mean": best["acc_mean"],
+                 "note": "best mean accuracy over evaluated rounds; not the final result"},
+        "bytes_up_total": sum(r["bytes_up"] for r in state.history),
+        "bytes_down_total": sum(r["bytes_down"] for r in state.history),
+        "wall_seconds": round(wall, 3),
+        "train_seconds_per_round": round(sum(r["train_seconds"] for r in state.history) / len(state.history), 4),
+        "hardware": {"accelerator": hw.accelerator, "devices": str(hw.devices), "precision": hw.precision},
+        "versions": _versions(),
+    }
+    (root / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    plot_accuracy(state.history, root / "accuracy.png", title=f"{cfg.method} on {cfg.dataset} "
+                  f"(N={cfg.num_clients}, C={cfg.participation}, seed {cfg.seed})")
+    return summary
+
+
+def _evaluation_label(cfg: Config) -> str:
+    label = "personalised: each client's model on its own test set"
+    if cfg.method == "pfedlora":
+        label += f"; adapter used at inference: {cfg['pfedlora.inference_adapter']}"
+    return label
+
+
+def write_metrics_csv(path: Path, history: list[dict[str, Any]]) -> None:
+    columns: list[str] = []
+    for row in history:
+        columns += [c for c in row if c not in columns]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        for row in history:
+            writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})
+
+
+def plot_accuracy(history: list[dict[str, Any]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in history if not math.isnan(r["acc_mean"])]
+    rounds = [r["round"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    ax.fill_between(rounds, [100 * r["acc_min"] for r in rows], [100 * r["acc_max"] for r in rows],
+                    alpha=0.2, label="min-max over clients")
+    ax.plot(rounds, [100 * r["acc_mean"] for r in rows], marker="o", ms=3, label="mean (unweighted)")
+    ax.plot(rounds, [100 * r["acc_weighted"] for r in rows], ls="--", label="mean (sample-weighted)")
+    ax.set_xlabel("round")
+    ax.set_ylabel("personalised test accuracy (%)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- re-evaluation
+
+def load_run_config(run_dir: Path) -> Config:
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunDirError(f"RUN_DIR: '{run_dir}' is not a directory")
+    path = run_dir / "config.toml"
+    if not path.is_file():
+        raise RunDirError(f"RUN_DIR: '{run_dir}' has no config.toml; is it a pfl run directory?")
+    raw, _ = config_mod.read_recipe_file(str(path))
+    return config_mod.resolve(raw)
+
+
+def read_per_client(run_dir: Path) -> list[dict[str, str]]:
+    with open(Path(run_dir) / "per_client.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise RunDirError(f"run state file '{path}' is missing")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise RunDirError(f"run state file '{path}' is corrupted or not a safetensors file: {exc}") from None
+
+
+def evaluate_run(run_dir: Path, hw: Hardware, data_dir: str | None = None) -> tuple[Config, list[dict[str, Any]]]:
+    """Reload a run's saved state and recompute every client's personalised test accuracy."""
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir)
+    if data_dir:
+        cfg = config_mod.resolve(cfg.as_flat(), {"data_dir": data_dir})
+    check_hardware(hw)
+    setup = build(cfg)
+    trainer = make_trainer(hw.accelerator, hw.devices, hw.precision)
+    global_state = _load_tensors(run_dir / "state" / "global.safetensors")
+    global_state.pop("_empty", None)
+    store = MemoryStore()
+    for k in range(cfg.num_clients):
+        store.put(k, _load_tensors(run_dir / "state" / "clients" / f"client_{k:05d}.safetensors"))
+    run = FederatedRun(cfg, setup.clients, setup.architectures, setup.algorithm, store, ClientRunner(trainer))
+    run.state.global_state = global_state
+    try:
+        accs = run.evaluate_all()
+    except RuntimeError as exc:  # e.g. a state file whose tensors do not fit the architecture
+        raise RunDirError(f"run state in '{run_dir / 'state'}' does not match config.toml: "
+                          f"{str(exc).splitlines()[0]}") from None
+    rows = [{"client_id": c.client_id, "arch": a, "num_test": len(c.y_test), "accuracy": acc}
+            for c, a, acc in zip(setup.clients, setup.architectures, accs)]
+    return cfg, rows

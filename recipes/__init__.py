@@ -1,0 +1,1 @@
+"""Bundled recipes (TOML), installed as the package data of pfl.recipes."""
