@@ -61,6 +61,10 @@ class ProgressCallbacks:
         if not math.isnan(record["acc_mean"]):
             self.latest = f"{100 * record['acc_mean']:.2f}%"
         self.progress.update(self.rounds_task, advance=1, acc=self.latest)
+        if not console.is_terminal:  # logs and CI: no live display, so one plain line per round
+            console.print(f"round {record['round']}/{self.progress.tasks[0].total}: mean acc {self.latest}, "
+                          f"train loss {record['train_loss']:.4f}, {record['train_seconds']:.2f} s training, "
+                          f"{record['eval_seconds']:.2f} s evaluating", highlight=False)
 
 
 def _progress() -> Progress:

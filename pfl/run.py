@@ -37,7 +37,7 @@ from pfl.config import Config
 from pfl.data import BatchTransform, build_clients, load_dataset
 from pfl.data.partition import ClientData
 from pfl.errors import PflUserError, RunDirError
-from pfl.federation import Callbacks, ClientRunner, DiskStore, FederatedRun, MemoryStore, make_trainer
+from pfl.federation import Callbacks, CallbackList, ClientRunner, DiskStore, FederatedRun, MemoryStore, make_trainer
 from pfl.models import assign_architectures
 
 
@@ -115,11 +115,12 @@ def train(cfg: Config, out: Path, hw: Hardware, callbacks: Callbacks | None = No
     trainer = make_trainer(hw.accelerator, hw.devices, hw.precision, cfg.grad_clip)
     if staging.exists():
         shutil.rmtree(staging)
-    staging.mkdir(parents=True)
+    staging.mkdir(parents=True)  # metrics.csv there is updated every round; renamed to `out` at the end
     try:
         store = DiskStore(staging / "state" / "clients") if cfg.store == "disk" else MemoryStore()
+        history: list[dict[str, Any]] = []
         run = FederatedRun(cfg, setup.clients, setup.architectures, setup.algorithm, store,
-                           ClientRunner(trainer), callbacks)
+                           ClientRunner(trainer), CallbackList(_MetricsFlusher(staging, history), callbacks))
         started = time.perf_counter()
         run.initialise()
         state = run.run()
@@ -133,6 +134,17 @@ def train(cfg: Config, out: Path, hw: Hardware, callbacks: Callbacks | None = No
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return summary
+
+
+class _MetricsFlusher(Callbacks):
+    """Rewrites metrics.csv in the staging directory after every round, so a long run can be followed."""
+
+    def __init__(self, root: Path, history: list[dict[str, Any]]):
+        self.root, self.history = root, history
+
+    def on_round_end(self, record: dict[str, Any]) -> None:
+        self.history.append(record)
+        write_metrics_csv(self.root / "metrics.csv", self.history)
 
 
 def _versions() -> dict[str, str]:

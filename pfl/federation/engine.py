@@ -120,6 +120,29 @@ class Callbacks:
     def on_round_end(self, record: dict[str, Any]) -> None: ...
 
 
+class CallbackList(Callbacks):
+    """Fans every event out to several callbacks, in order."""
+
+    def __init__(self, *callbacks: Callbacks | None):
+        self.callbacks = [c for c in callbacks if c is not None]
+
+    def on_round_start(self, round_idx, sampled):
+        for c in self.callbacks:
+            c.on_round_start(round_idx, sampled)
+
+    def on_client_done(self, round_idx, client_id, done, total):
+        for c in self.callbacks:
+            c.on_client_done(round_idx, client_id, done, total)
+
+    def on_evaluate_start(self, round_idx):
+        for c in self.callbacks:
+            c.on_evaluate_start(round_idx)
+
+    def on_round_end(self, record):
+        for c in self.callbacks:
+            c.on_round_end(record)
+
+
 def sample_clients(num_clients: int, participation: float, seed: int, round_idx: int) -> list[int]:
     """K = max(1, round(C * N)) distinct clients (round half up), seeded per round."""
     k = max(1, int(math.floor(participation * num_clients + 0.5)))

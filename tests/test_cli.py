@@ -1,0 +1,128 @@
+"""The CLI as a user runs it: real `pfl` processes, exit codes, messages, and what lands on disk."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PFL = [sys.executable, "-m", "cli.main"]
+ENV = {**os.environ, "COLUMNS": "200"}
+
+
+def pfl(*args, cwd=None):
+    return subprocess.run(PFL + list(args), capture_output=True, text=True, env=ENV, cwd=cwd, timeout=600)
+
+
+def test_train_smoke_end_to_end_and_eval_reproduces_final_accuracy(tmp_path):
+    out = tmp_path / "run"
+    res = pfl("train", "--recipe", "smoke", "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    for name in ("config.toml", "metrics.csv", "summary.json", "per_client.csv", "accuracy.png",
+                 "state/global.safetensors", "state/clients/client_00000.safetensors"):
+        assert (out / name).is_file(), name
+    assert "personalised accuracy per client" in res.stdout and "final mean accuracy" in res.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds"] == 3 and "adapter used at inference: own" in summary["evaluation"]
+    assert summary["final"]["acc_mean"] > 0.5  # above chance for 2-class clients... and learnt something
+    rows = (out / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 4 and rows[0].startswith("round,clients,train_loss")
+    assert not list(tmp_path.glob(".*partial*"))
+
+    ev = pfl("eval", str(out), "--json")
+    assert ev.returncode == 0, ev.stderr
+    recomputed = {r["client_id"]: r["accuracy"] for r in json.loads(ev.stdout)}
+    import csv
+    recorded = {int(r["client_id"]): float(r["accuracy"]) for r in csv.DictReader(open(out / "per_client.csv"))}
+    assert recomputed.keys() == recorded.keys()
+    for k in recorded:
+        assert math.isclose(recomputed[k], recorded[k], abs_tol=1e-9)
+    mean = sum(recorded.values()) / len(recorded)
+    assert math.isclose(mean, summary["final"]["acc_mean"], abs_tol=1e-9)
+
+
+def test_same_seed_same_metrics(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for out in (a, b):
+        assert pfl("train", "--recipe", "smoke", "--out", str(out), "--set", "rounds=2").returncode == 0
+    strip = lambda p: [",".join(line.split(",")[:-2]) for line in (p / "metrics.csv").read_text().splitlines()]
+    assert strip(a) == strip(b)  # all but the two timing columns
+
+
+@pytest.fixture
+def existing_run(tmp_path):
+    d = tmp_path / "existing"
+    d.mkdir()
+    (d / "keep.txt").write_text("mine")
+    return d
+
+
+BAD = [
+    (["--recipe", "nope"], "--recipe: unknown recipe 'nope'"),
+    (["--recipe", "smoke", "--set", "rounds=0"], "recipe key 'rounds': must be an integer >= 1"),
+    (["--recipe", "smoke", "--set", "bogus=1"], "--set key 'bogus': unknown recipe key"),
+    (["--recipe", "smoke", "--set", "participation=2"], "recipe key 'participation'"),
+    (["--recipe", "smoke", "--set", "pfedlora.rank=0"], "recipe key 'pfedlora.rank'"),
+    (["--recipe", "smoke", "--set", "noequals"], "expected key=value"),
+    (["--recipe", "smoke", "--set", "dataset=cifar10", "--set", "download=false", "--set", "data_dir=/nonexistent/x"],
+     "dataset 'cifar10': cifar-10-batches-py/ not found in /nonexistent/x"),
+    (["--recipe", "smoke", "--out", "/proc/pfl-run"], "--out: cannot create '/proc/pfl-run'"),
+    (["--recipe", "smoke", "--precision", "16-mixed"], "--precision: 16-mixed (float16) needs a GPU"),
+    (["--recipe", "smoke", "--precision", "8-bit"], "--precision: must be one of"),
+    (["--recipe", "smoke", "--accelerator", "cuda"], "--accelerator/--devices/--precision: cuda/1/32-true cannot"),
+    (["--recipe", "smoke", "--devices", "2"], "--devices: the local engine trains one client at a time"),
+    (["--recipe", "smoke", "--devices", "two"], "--devices: must be a count"),
+]
+
+
+@pytest.mark.parametrize("args, message", BAD, ids=[" ".join(a[2:]) or a[1] for a, _ in BAD])
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, args, message):
+    out = tmp_path / "out"
+    if "--out" not in args:
+        args = args + ["--out", str(out)]
+    res = pfl("train", *args, cwd=tmp_path)
+    assert res.returncode == 2, (res.stdout, res.stderr)
+    lines = [l for l in res.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], res.stderr
+    assert "Traceback" not in res.stderr
+    assert not out.exists() and not list(tmp_path.glob(".*partial*")) and not (tmp_path / "runs").exists()
+
+
+def test_existing_out_dir_is_refused_and_left_untouched(existing_run):
+    res = pfl("train", "--recipe", "smoke", "--out", str(existing_run))
+    assert res.returncode == 2 and "already exists and is not empty" in res.stderr
+    assert [p.name for p in existing_run.iterdir()] == ["keep.txt"]
+
+
+def test_eval_of_a_directory_that_is_not_a_run_exits_2(existing_run):
+    res = pfl("eval", str(existing_run))
+    assert res.returncode == 2 and "has no config.toml" in res.stderr
+
+
+def test_eval_of_a_corrupted_state_file_names_it(tmp_path):
+    out = tmp_path / "run"
+    assert pfl("train", "--recipe", "smoke", "--out", str(out), "--set", "rounds=1").returncode == 0
+    victim = out / "state" / "clients" / "client_00002.safetensors"
+    victim.write_bytes(victim.read_bytes()[:100])
+    res = pfl("eval", str(out))
+    assert res.returncode == 2 and "client_00002.safetensors" in res.stderr and "corrupted" in res.stderr
+
+
+def test_recipes_lists_the_bundled_recipes():
+    res = pfl("recipes")
+    assert res.returncode == 0
+    for name in ("cifar10", "cifar100", "fmnist", "smoke"):
+        assert name in res.stdout
+    keys = pfl("recipes", "--keys")
+    assert "pfedlora.adapter_epochs" in keys.stdout and "classes_per_client" in keys.stdout
+
+
+def test_bf16_mixed_precision_runs_on_the_cpu(tmp_path):
+    out = tmp_path / "bf16"
+    res = pfl("train", "--recipe", "smoke", "--precision", "bf16-mixed", "--set", "rounds=1", "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["hardware"]["precision"] == "bf16-mixed" and 0.0 <= summary["final"]["acc_mean"] <= 1.0

@@ -1,0 +1,80 @@
+import numpy as np
+import pytest
+
+from pfl import config
+from pfl.data.partition import build_clients, dirichlet, iid, partition_indices, pathological
+from pfl.data import make_synthetic
+
+LABELS = np.repeat(np.arange(10), 300)  # 10 classes x 300 samples
+
+
+def cfg(**kw):
+    base = {"dataset": "synthetic", "num_clients": 10, "synthetic.num_classes": 10}
+    return config.resolve({**base, **kw})
+
+
+def test_pathological_gives_each_client_exactly_k_classes_and_balanced_holders():
+    parts = pathological(LABELS, 10, 2, 10, np.random.default_rng(0))
+    for p in parts:
+        assert len(np.unique(LABELS[p])) == 2
+    holders = np.zeros(10, int)
+    for p in parts:
+        holders[np.unique(LABELS[p])] += 1
+    assert holders.tolist() == [2] * 10  # 20 slots over 10 classes: each class held twice
+
+
+def test_pathological_class_shares_follow_normalised_uniform_04_06():
+    parts = pathological(LABELS, 10, 2, 10, np.random.default_rng(3))
+    for c in range(10):
+        counts = [int((LABELS[p] == c).sum()) for p in parts if (LABELS[p] == c).any()]
+        assert sum(counts) == 300  # every sample of a held class is used
+        for n in counts:  # two holders: s1 / (s1 + s2) with s ~ U(0.4, 0.6) lies in [0.4, 0.6]
+            assert 0.4 * 300 - 1 <= n <= 0.6 * 300 + 1
+
+
+def test_partitions_are_disjoint_and_cover_the_data():
+    for parts in (pathological(LABELS, 10, 2, 10, np.random.default_rng(1)),
+                  dirichlet(LABELS, 10, 0.3, 10, np.random.default_rng(1)),
+                  iid(len(LABELS), 10, np.random.default_rng(1))):
+        allidx = np.concatenate(parts)
+        assert len(allidx) == len(np.unique(allidx)) == len(LABELS)
+
+
+def test_dirichlet_every_client_gets_min_samples_and_iid_is_balanced():
+    parts = dirichlet(LABELS, 20, 0.1, 10, np.random.default_rng(0))
+    assert min(len(p) for p in parts) >= 10
+    sizes = [len(p) for p in iid(3001, 7, np.random.default_rng(0))]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def test_train_test_split_is_disjoint_stratified_and_about_8_to_2():
+    split = partition_indices(LABELS, cfg(), 10)
+    for tr, te in split:
+        assert not set(tr) & set(te)
+        assert set(LABELS[tr]) == set(LABELS[te])  # same label distribution
+        assert abs(len(te) / (len(tr) + len(te)) - 0.2) < 0.01
+    every = np.concatenate([np.concatenate(p) for p in split])
+    assert len(every) == len(np.unique(every))
+
+
+def test_partition_is_deterministic_by_seed():
+    a = partition_indices(LABELS, cfg(seed=5), 10)
+    b = partition_indices(LABELS, cfg(seed=5), 10)
+    c = partition_indices(LABELS, cfg(seed=6), 10)
+    assert all(np.array_equal(x[0], y[0]) and np.array_equal(x[1], y[1]) for x, y in zip(a, b))
+    assert not all(np.array_equal(x[0], y[0]) for x, y in zip(a, c))
+
+
+def test_build_clients_tensors_match_partition():
+    data = make_synthetic(500, 5, (1, 16, 16), 0.5, seed=0)
+    c = config.resolve({"dataset": "synthetic", "num_clients": 5, "synthetic.num_classes": 5,
+                        "synthetic.num_samples": 500})
+    clients = build_clients(data, c)
+    assert sum(cl.num_train + len(cl.y_test) for cl in clients) == 500
+    assert all(cl.x_train.dtype.is_floating_point is False and cl.x_train.shape[1:] == (1, 16, 16)
+               for cl in clients)
+
+
+def test_too_many_classes_per_client_is_a_config_error():
+    with pytest.raises(config.ConfigError, match="classes_per_client"):
+        cfg(classes_per_client=11)
