@@ -217,6 +217,7 @@ def plot_accuracy(history: list[dict[str, Any]], path: Path, title: str) -> None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     rows = [r for r in history if not math.isnan(r["acc_mean"])]
     rounds = [r["round"] for r in rows]
@@ -225,6 +226,7 @@ def plot_accuracy(history: list[dict[str, Any]], path: Path, title: str) -> None
                     alpha=0.2, label="min-max over clients")
     ax.plot(rounds, [100 * r["acc_mean"] for r in rows], marker="o", ms=3, label="mean (unweighted)")
     ax.plot(rounds, [100 * r["acc_weighted"] for r in rows], ls="--", label="mean (sample-weighted)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round")
     ax.set_ylabel("personalised test accuracy (%)")
     ax.set_title(title, fontsize=10)
