@@ -11,14 +11,20 @@ pfl adds Lightning (one reused Trainer), the store, sampling, byte counting and 
 
     python benchmarks/overhead.py                       # fmnist recipe, 3 timed rounds
     python benchmarks/overhead.py --recipe smoke --rounds 2
+    python benchmarks/overhead.py --memory              # peak RSS of each side, each alone in a subprocess
 
-Prints per-round seconds for both and the ratio pfl / plain (target: <= 1.10 on fmnist).
+Prints per-round seconds for both and the ratio pfl / plain (target: <= 1.10 on fmnist). Peak memory
+cannot be told apart within one process, so `--memory` runs each side alone (`--side`) in a fresh
+subprocess for the same rounds and compares their peak resident set sizes.
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -82,9 +88,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds per side")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds per side first")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--side", choices=("both", "pfl", "plain"), default="both",
+                        help="run only one side (used by --memory)")
+    parser.add_argument("--memory", action="store_true", help="compare peak RSS, each side in a subprocess")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.memory:
+        compare_memory(args)
+        return
 
     total_rounds = args.warmup + args.rounds
     cfg, _ = config.load(args.recipe, [f"rounds={total_rounds}", f"eval_every={10**6}"])
@@ -94,9 +106,19 @@ def main() -> None:
     run.initialise()
     plain_states = {k: dict(run.store.get(k)) for k in range(cfg.num_clients)}
     plain_global = dict(run.state.global_state)
-    plain_models = {arch: setup.algorithm.make_client(arch) for arch in set(setup.architectures)}
+    plain_models = {} if args.side == "pfl" else {arch: setup.algorithm.make_client(arch)
+                                                  for arch in set(setup.architectures)}
 
     pfl_times, plain_times = [], []
+    if args.side != "both":
+        for r in range(1, total_rounds + 1):
+            if args.side == "plain":
+                plain_global = plain_round(cfg, setup, plain_states, plain_global, r, plain_models)
+            else:
+                run.run_round()
+        print(f"peak_rss_mib {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.1f}")
+        return
+
     for r in range(1, total_rounds + 1):
         started = time.perf_counter()
         plain_global = plain_round(cfg, setup, plain_states, plain_global, r, plain_models)
@@ -121,6 +143,17 @@ def main() -> None:
     print(f"median seconds per round: pfl {pfl_med:.3f}, plain PyTorch {plain_med:.3f}")
     print(f"ratio pfl / plain: {pfl_med / plain_med:.3f} (target <= 1.10)")
     print(f"max |global adapter pfl - plain| after {total_rounds} rounds: {drift:.2e}")
+
+
+def compare_memory(args) -> None:
+    peaks = {}
+    for side in ("plain", "pfl"):
+        cmd = [sys.executable, __file__, "--recipe", args.recipe, "--rounds", str(args.rounds), "--warmup", "0",
+               "--side", side] + (["--threads", str(args.threads)] if args.threads else [])
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        peaks[side] = float(out.split("peak_rss_mib")[1].split()[0])
+        print(f"{side}: peak RSS {peaks[side]:.1f} MiB ({args.rounds} rounds of {args.recipe}, alone in a process)")
+    print(f"ratio pfl / plain peak RSS: {peaks['pfl'] / peaks['plain']:.3f}")
 
 
 if __name__ == "__main__":

@@ -86,14 +86,13 @@ def train(
     """Run a recipe and write a run directory (config, metrics.csv, summary.json, plot, final state)."""
     from pfl import config
     from pfl.errors import PflUserError
-    from pfl.run import Hardware, prepare_output
     from pfl import run as run_mod
 
     try:
         cfg, source = config.load(recipe, set_ or [], seed)
         target = out or Path("runs") / f"{cfg.name}-{cfg.method}-{datetime.now():%Y%m%d-%H%M%S}"
-        prepare_output(target)
-        hw = Hardware(accelerator, _parse_devices(devices), precision)
+        run_mod.prepare_output(target)
+        hw = run_mod.Hardware(accelerator, _parse_devices(devices), precision)
         console.print(f"[bold]pfl train[/] {cfg.method} on {cfg.dataset}: N={cfg.num_clients}, "
                       f"C={cfg.participation}, T={cfg.rounds}, {cfg.partition} partition, {cfg.model_setting} "
                       f"models, seed {cfg.seed} -> {target}")

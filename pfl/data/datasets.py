@@ -93,7 +93,11 @@ def load_fmnist(data_dir: Path, download: bool) -> Dataset:
     if not all((raw / f).is_file() for f in FMNIST_FILES):
         debian = [DEBIAN_FMNIST_DIR / f"{f}.gz" for f in FMNIST_FILES]
         if all(p.is_file() for p in debian):
-            _unpack_gz(debian, raw)
+            try:
+                _unpack_gz(debian, raw)
+            except OSError as exc:
+                raise DataError(f"dataset 'fmnist': cannot unpack {DEBIAN_FMNIST_DIR} into {raw}: {exc}; "
+                                f"set data_dir to a writable directory (--set data_dir=PATH)") from None
         elif not download or not _reachable("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com"):
             raise DataError(
                 f"dataset 'fmnist': Fashion-MNIST not found in {raw} nor in {DEBIAN_FMNIST_DIR}, and it "
