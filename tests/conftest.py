@@ -1,5 +1,10 @@
+import io
 import os
+import pickle
+import tarfile
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 os.environ.setdefault("PYTHONHASHSEED", "0")
@@ -24,3 +29,25 @@ def make_cfg():
         return config.resolve({**SMOKE, **(overrides or {})})
 
     return _make
+
+
+def _batch(n, rng, label_key=b"labels", classes=10):
+    return {b"batch_label": b"fake", label_key: rng.integers(0, classes, n).tolist(),
+            b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"filenames": [b"x.png"] * n}
+
+
+def make_cifar10_archive(root: Path, per_batch: int = 20, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A cifar-10-python.tar.gz in the real format: pickled dicts (protocol 2, as the official files)."""
+    rng = np.random.default_rng(seed)
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    batches = {n: _batch(per_batch, rng) for n in names}
+    meta = {b"label_names": [f"c{i}".encode() for i in range(10)], b"num_cases_per_batch": per_batch}
+    with tarfile.open(root / "cifar-10-python.tar.gz", "w:gz") as tar:
+        for name, obj in list(batches.items()) + [("batches.meta", meta)]:
+            blob = pickle.dumps(obj, protocol=2)
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+    x = np.concatenate([batches[n][b"data"] for n in names]).reshape(-1, 3, 32, 32)
+    y = np.concatenate([batches[n][b"labels"] for n in names])
+    return x, y

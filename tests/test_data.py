@@ -1,6 +1,4 @@
-import io
 import pickle
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -10,27 +8,7 @@ import torch
 from pfl.data.datasets import DEBIAN_FMNIST_DIR, load_cifar, load_fmnist
 from pfl.errors import DataError
 
-
-def _batch(n, rng, label_key=b"labels", classes=10):
-    return {b"batch_label": b"fake", label_key: rng.integers(0, classes, n).tolist(),
-            b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"filenames": [b"x.png"] * n}
-
-
-def make_cifar10_archive(root: Path, per_batch: int = 20, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """A cifar-10-python.tar.gz in the real format: pickled dicts (protocol 2, as the official files)."""
-    rng = np.random.default_rng(seed)
-    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
-    batches = {n: _batch(per_batch, rng) for n in names}
-    meta = {b"label_names": [f"c{i}".encode() for i in range(10)], b"num_cases_per_batch": per_batch}
-    with tarfile.open(root / "cifar-10-python.tar.gz", "w:gz") as tar:
-        for name, obj in list(batches.items()) + [("batches.meta", meta)]:
-            blob = pickle.dumps(obj, protocol=2)
-            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
-            info.size = len(blob)
-            tar.addfile(info, io.BytesIO(blob))
-    x = np.concatenate([batches[n][b"data"] for n in names]).reshape(-1, 3, 32, 32)
-    y = np.concatenate([batches[n][b"labels"] for n in names])
-    return x, y
+from conftest import make_cifar10_archive
 
 
 def test_cifar10_archive_in_the_real_format_loads_through_the_cifar_code_path(tmp_path):

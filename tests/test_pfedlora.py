@@ -94,6 +94,8 @@ def test_round_loop_counts_adapter_bytes_times_clients_times_two_and_keeps_state
     sampled = [k for k in range(6) if not torch.equal(store.get(k)["adapter.B"], torch.zeros(4, 4))]
     assert len(sampled) >= 3
     assert 0.0 <= state.history[-1]["acc_min"] <= state.history[-1]["acc_mean"] <= 1.0
+    # after the adapter phase B is no longer zero, so the adapter contributes to the logits
+    assert all(r["adapter_logit_ratio"] > 0 for r in state.history)
 
 
 def test_global_adapter_equals_weighted_mean_of_last_round_client_adapters(make_cfg):

@@ -126,6 +126,11 @@ class ClientModule(L.LightningModule):
     def learning_rate(self, phase: str) -> float:
         return self.cfg.lr
 
+    def diagnostics(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+        """Method-specific measurements after a client's round, on a sample of its training data
+        (averaged over the round's clients into metrics.csv). Default: none."""
+        return {}
+
     # --- shared machinery -------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)

@@ -75,6 +75,22 @@ class PFedLoRAClient(ClientModule):
         if self.phase == "adapter":
             self.model.eval()
 
+    @torch.no_grad()
+    def diagnostics(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+        """How much the shared adapter moves predictions: mean |g(h)| / mean |head(h)| (ALGORITHMS.md
+        reports about 1% after phase 2 on Fashion-MNIST), and accuracy with vs without the adapter."""
+        was_training = self.training
+        self.eval()
+        x = self.transform(x.to(self.device), train=False)
+        y = y.to(self.device)
+        h = self.model.phi(x)
+        head_logits, adapter_logits = self.model.head(h), self.adapter(h)
+        self.train(was_training)
+        ratio = adapter_logits.abs().mean() / head_logits.abs().mean().clamp_min(1e-12)
+        return {"adapter_logit_ratio": float(ratio),
+                "train_acc_with_adapter": float(((head_logits + adapter_logits).argmax(1) == y).float().mean()),
+                "train_acc_head_only": float((head_logits.argmax(1) == y).float().mean())}
+
     def receive(self, payload: Tensors) -> None:
         with torch.no_grad():
             self.adapter.A.copy_(payload["adapter.A"])

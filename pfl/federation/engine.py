@@ -27,6 +27,7 @@ from pfl.errors import PflUserError
 from pfl.federation.seeding import derive_seed
 
 EVAL_BATCH_SIZE = 512
+DIAGNOSTIC_SAMPLES = 512  # training samples per client on which a method's diagnostics are measured
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
 
 
@@ -217,6 +218,7 @@ class FederatedRun:
         self.callbacks.on_round_start(t, sampled)
         uploads: list[Upload] = []
         losses: dict[str, list[float]] = {}
+        diagnostics: dict[str, list[float]] = {}
         bytes_down = bytes_up = params_down = params_up = 0
         for i, k in enumerate(sampled):
             module = self.module_for(k)
@@ -227,6 +229,10 @@ class FederatedRun:
             for phase, loss in self.runner.fit_phases(module, self.clients[k], self.cfg.batch_size,
                                                       derive_seed(self.cfg.seed, "fit", t, k)).items():
                 losses.setdefault(phase, []).append(loss)
+            data = self.clients[k]
+            for name, value in module.diagnostics(data.x_train[:DIAGNOSTIC_SAMPLES],
+                                                  data.y_train[:DIAGNOSTIC_SAMPLES]).items():
+                diagnostics.setdefault(name, []).append(value)
             upload = Upload(k, self.clients[k].num_train, module.upload())
             bytes_up += payload_bytes(upload.tensors)
             params_up += payload_params(upload.tensors)
@@ -241,6 +247,8 @@ class FederatedRun:
         record["train_loss"] = float(np.mean(losses[phase_names[0]])) if phase_names else math.nan
         for name in phase_names:
             record[f"loss_{name}"] = float(np.mean(losses[name]))
+        for name, values in diagnostics.items():
+            record[name] = float(np.mean(values))
         record.update(params_up=params_up, params_down=params_down, bytes_up=bytes_up, bytes_down=bytes_down)
         cumulative = (self.state.history[-1]["bytes_cumulative"] if self.state.history else 0)
         record["bytes_cumulative"] = cumulative + bytes_up + bytes_down
