@@ -64,7 +64,7 @@ class ProgressCallbacks:
         if not console.is_terminal:  # logs and CI: no live display, so one plain line per round
             console.print(f"round {record['round']}/{self.progress.tasks[0].total}: mean acc {self.latest}, "
                           f"train loss {record['train_loss']:.4f}, {record['train_seconds']:.2f} s training, "
-                          f"{record['eval_seconds']:.2f} s evaluating", highlight=False)
+                          f"{record['eval_seconds']:.2f} s evaluating", highlight=False, soft_wrap=True)
 
 
 def _progress() -> Progress:
