@@ -118,9 +118,8 @@ def train(cfg: Config, out: Path, hw: Hardware, callbacks: Callbacks | None = No
     staging.mkdir(parents=True)  # metrics.csv there is updated every round; renamed to `out` at the end
     try:
         store = DiskStore(staging / "state" / "clients") if cfg.store == "disk" else MemoryStore()
-        history: list[dict[str, Any]] = []
-        run = FederatedRun(cfg, setup.clients, setup.architectures, setup.algorithm, store,
-                           ClientRunner(trainer), CallbackList(_MetricsFlusher(staging, history), callbacks))
+        run = FederatedRun(cfg, setup.clients, setup.architectures, setup.algorithm, store, ClientRunner(trainer))
+        run.callbacks = CallbackList(_MetricsFlusher(staging, run), callbacks)
         started = time.perf_counter()
         run.initialise()
         state = run.run()
@@ -139,12 +138,11 @@ def train(cfg: Config, out: Path, hw: Hardware, callbacks: Callbacks | None = No
 class _MetricsFlusher(Callbacks):
     """Rewrites metrics.csv in the staging directory after every round, so a long run can be followed."""
 
-    def __init__(self, root: Path, history: list[dict[str, Any]]):
-        self.root, self.history = root, history
+    def __init__(self, root: Path, run: FederatedRun):
+        self.root, self.run = root, run
 
     def on_round_end(self, record: dict[str, Any]) -> None:
-        self.history.append(record)
-        write_metrics_csv(self.root / "metrics.csv", self.history)
+        write_metrics_csv(self.root / "metrics.csv", self.run.state.history)
 
 
 def _versions() -> dict[str, str]:

@@ -144,6 +144,11 @@ class ClientModule(L.LightningModule):
         self._loss_sum = torch.zeros(())
         self._loss_steps = 0
 
+    @property
+    def steps_in_phase(self) -> int:
+        """Optimiser steps taken since the last set_phase."""
+        return self._loss_steps
+
     def mean_phase_loss(self) -> float:
         return float(self._loss_sum) / max(self._loss_steps, 1)
 
