@@ -86,6 +86,7 @@ def plain_round(cfg, setup, states: dict, global_adapter: dict, round_idx: int, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", default="fmnist")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="recipe override key=value")
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds per side")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds per side first")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -100,7 +101,7 @@ def main() -> None:
         return
 
     total_rounds = args.warmup + args.rounds
-    cfg, _ = config.load(args.recipe, [f"rounds={total_rounds}", f"eval_every={10**6}"])
+    cfg, _ = config.load(args.recipe, args.overrides + [f"rounds={total_rounds}", f"eval_every={10**6}"])
     setup = build(cfg)
     run = FederatedRun(cfg, setup.clients, setup.architectures, setup.algorithm, MemoryStore(),
                        ClientRunner(make_trainer("cpu", 1, "32-true", cfg.grad_clip)))
@@ -151,7 +152,7 @@ def compare_memory(args) -> None:
     peaks = {}
     for side in ("plain", "pfl"):
         cmd = [sys.executable, __file__, "--recipe", args.recipe, "--rounds", str(args.rounds), "--warmup", "0",
-               "--side", side] + (["--threads", str(args.threads)] if args.threads else [])
+               "--side", side] + [f"--set={o}" for o in args.overrides] + (["--threads", str(args.threads)] if args.threads else [])
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         peaks[side] = float(out.split("peak_rss_mib")[1].split()[0])
         print(f"{side}: peak RSS {peaks[side]:.1f} MiB ({args.rounds} rounds of {args.recipe}, alone in a process)")

@@ -27,7 +27,7 @@ from pfl.errors import PflUserError
 from pfl.federation.seeding import derive_seed
 
 EVAL_BATCH_SIZE = 512
-DIAGNOSTIC_SAMPLES = 512  # training samples per client on which a method's diagnostics are measured
+DIAGNOSTIC_SAMPLES = 256  # training samples per client on which a method's diagnostics are measured
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
 
 
