@@ -111,6 +111,15 @@ def main() -> None:
     plain_models = {} if args.side == "pfl" else {arch: setup.algorithm.make_client(arch)
                                                   for arch in set(setup.architectures)}
 
+    if args.side != "both":
+        for r in range(1, total_rounds + 1):
+            if args.side == "plain":
+                plain_global = plain_round(cfg, setup, plain_states, plain_global, r, plain_models)
+            else:
+                run.run_round()
+        print(f"peak_rss_mib {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.1f}")
+        return
+
     pfl_times, plain_times, ratios = [], [], []
     for r in range(1, total_rounds + 1):
         def run_plain():
@@ -153,7 +162,10 @@ def compare_memory(args) -> None:
     for side in ("plain", "pfl"):
         cmd = [sys.executable, __file__, "--recipe", args.recipe, "--rounds", str(args.rounds), "--warmup", "0",
                "--side", side] + [f"--set={o}" for o in args.overrides] + (["--threads", str(args.threads)] if args.threads else [])
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0 or "peak_rss_mib" not in proc.stdout:
+            sys.exit(f"--side {side} failed:\n{proc.stderr[-2000:]}")
+        out = proc.stdout
         peaks[side] = float(out.split("peak_rss_mib")[1].split()[0])
         print(f"{side}: peak RSS {peaks[side]:.1f} MiB ({args.rounds} rounds of {args.recipe}, alone in a process)")
     print(f"ratio pfl / plain peak RSS: {peaks['pfl'] / peaks['plain']:.3f}")
