@@ -120,25 +120,24 @@ def main() -> None:
         print(f"peak_rss_mib {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.1f}")
         return
 
+    def timed_plain(r: int, global_adapter: dict) -> tuple[float, dict]:
+        started = time.perf_counter()
+        new_global = plain_round(cfg, setup, plain_states, global_adapter, r, plain_models)
+        return time.perf_counter() - started, new_global
+
+    def timed_pfl(r: int) -> float:
+        started = time.perf_counter()
+        record = run.run_round()
+        # the last round also evaluates every client; count training only, like the plain side
+        return record["train_seconds"] if r == total_rounds else time.perf_counter() - started
+
     pfl_times, plain_times, ratios = [], [], []
     for r in range(1, total_rounds + 1):
-        def run_plain():
-            nonlocal plain_global
-            started = time.perf_counter()
-            plain_global = plain_round(cfg, setup, plain_states, plain_global, r, plain_models)
-            return time.perf_counter() - started
-
-        def run_pfl():
-            started = time.perf_counter()
-            record = run.run_round()
-            # the last round also evaluates every client; count training only, like the plain side
-            return record["train_seconds"] if r == total_rounds else time.perf_counter() - started
-
         # alternate who goes first, so drifts in machine speed do not favour one side
         if r % 2:
-            plain_s, pfl_s = run_plain(), run_pfl()
+            (plain_s, plain_global), pfl_s = timed_plain(r, plain_global), timed_pfl(r)
         else:
-            pfl_s, plain_s = run_pfl(), run_plain()
+            pfl_s, (plain_s, plain_global) = timed_pfl(r), timed_plain(r, plain_global)
         tag = "warm-up" if r <= args.warmup else "timed"
         print(f"round {r} ({tag}): pfl {pfl_s:.3f} s, plain {plain_s:.3f} s, ratio {pfl_s / plain_s:.3f}", flush=True)
         if r > args.warmup:

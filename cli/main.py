@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import sys
-import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any, List, Optional
@@ -102,7 +101,7 @@ def train(
         _fail(str(exc))
     except KeyboardInterrupt:
         err_console.print("interrupted: nothing was written")
-        raise typer.Exit(code=130)
+        raise typer.Exit(code=130) from None
     _print_run(Path(target).expanduser().absolute(), summary)
 
 

@@ -56,15 +56,15 @@ class Setup:
     algorithm: Algorithm
 
 
-def check_hardware(hw: Hardware) -> None:
-    """Fail fast (before any data or output) when the hardware request cannot be met."""
+def check_hardware(hw: Hardware, grad_clip: float = 0.0):
+    """The run's Trainer, or a PflUserError before any data or output when the hardware cannot be had."""
     count = hw.devices if isinstance(hw.devices, int) else None
     if count is not None and count > 1:
         raise PflUserError(f"--devices: the local engine trains one client at a time on one device; use 1 "
                            f"(or one device index such as [1]), got {hw.devices}")
     if isinstance(hw.devices, list) and len(hw.devices) != 1:
         raise PflUserError(f"--devices: the local engine uses exactly one device, got {hw.devices}")
-    make_trainer(hw.accelerator, hw.devices, hw.precision)
+    return make_trainer(hw.accelerator, hw.devices, hw.precision, grad_clip)
 
 
 def build(cfg: Config) -> Setup:
@@ -110,9 +110,8 @@ def train(cfg: Config, out: Path, hw: Hardware, callbacks: Callbacks | None = No
     """Run the recipe and write the run directory `out`. Returns the summary."""
     out = out.expanduser().absolute()
     staging = prepare_output(out)
-    check_hardware(hw)
+    trainer = check_hardware(hw, cfg.grad_clip)
     setup = build(cfg)  # data problems surface here, before anything is written
-    trainer = make_trainer(hw.accelerator, hw.devices, hw.precision, cfg.grad_clip)
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir(parents=True)  # metrics.csv there is updated every round; renamed to `out` at the end
@@ -268,9 +267,8 @@ def evaluate_run(run_dir: Path, hw: Hardware, data_dir: str | None = None) -> tu
     cfg = load_run_config(run_dir)
     if data_dir:
         cfg = config_mod.resolve(cfg.as_flat(), {"data_dir": data_dir})
-    check_hardware(hw)
+    trainer = check_hardware(hw)
     setup = build(cfg)
-    trainer = make_trainer(hw.accelerator, hw.devices, hw.precision)
     global_state = _load_tensors(run_dir / "state" / "global.safetensors")
     global_state.pop("_empty", None)
     store = MemoryStore()
