@@ -132,6 +132,8 @@ SCHEMA: dict[str, Field] = {
                         low=1),
     "seed": Field("int", 0, "one seed for partition, sampling, init and data order", low=0),
     "method": Field("str", "pfedlora", "the federated method"),
+    "target_accuracy": Field("float", 0.0, "mean accuracy at which the to-target costs (rounds, bytes, FLOPs) "
+                             "are read; 0: none", low=0.0, high=1.0),
     "store": Field("str", "memory", "where client states live between rounds", choices=("memory", "disk")),
     "synthetic.num_samples": Field("int", 2000, "synthetic data: samples in all", low=10),
     "synthetic.num_classes": Field("int", 10, "synthetic data: classes", low=2, high=1000),

@@ -4,9 +4,9 @@ Run directory layout (written to a hidden sibling and renamed into place only wh
 or interrupted run leaves nothing half-written under the requested name):
 
     config.toml          the resolved recipe (every key, defaults included)
-    metrics.csv          one row per round: losses, bytes/params up and down, accuracy summary, seconds
+    metrics.csv          one row per round: losses, bytes/params up and down, FLOPs, accuracy summary, seconds
     per_client.csv       final personalised accuracy of every client, with its architecture and sizes
-    summary.json         final and best (labelled) accuracy, totals, timings, versions
+    summary.json         final and best (labelled) accuracy, cost totals and to-target costs, timings, versions
     accuracy.png         mean accuracy vs round, with the min-max band over clients
     state/global.safetensors, state/clients/client_NNNNN.safetensors   what `pfl eval` reloads
 """
@@ -38,6 +38,7 @@ from pfl.data import BatchTransform, build_clients, load_dataset
 from pfl.data.partition import ClientData
 from pfl.errors import PflUserError, RunDirError
 from pfl.federation import Callbacks, CallbackList, ClientRunner, DiskStore, FederatedRun, MemoryStore, make_trainer
+from pfl.federation.costs import first_reaching
 from pfl.models import assign_architectures
 
 
@@ -180,6 +181,12 @@ def _write_run(root: Path, setup: Setup, run: FederatedRun, state, wall: float, 
                  "note": "best mean accuracy over evaluated rounds; not the final result"},
         "bytes_up_total": sum(r["bytes_up"] for r in state.history),
         "bytes_down_total": sum(r["bytes_down"] for r in state.history),
+        "params_up_total": sum(r["params_up"] for r in state.history),
+        "params_down_total": sum(r["params_down"] for r in state.history),
+        "flops_client_total": sum(r["flops_client"] for r in state.history),
+        "flops_server_total": sum(r["flops_server"] for r in state.history),
+        "target_accuracy": cfg.target_accuracy,
+        "to_target": first_reaching(state.history, cfg.target_accuracy),
         "wall_seconds": round(wall, 3),
         "train_seconds_per_round": round(sum(r["train_seconds"] for r in state.history) / len(state.history), 4),
         "hardware": {"accelerator": hw.accelerator, "devices": str(hw.devices), "precision": hw.precision},

@@ -4,7 +4,7 @@ An engine (the in-process loop today, Flower later) drives every method through 
 
     module.load_private_state(store[k]); module.receive(algorithm.download(global_state, k))
     for phase in module.phases():  module.set_phase(phase.name); Trainer.fit(module, epochs=phase.epochs)
-    uploads.append(Upload(k, n_k, module.upload())); store[k] = module.private_state()
+    uploads.append(Upload(k, n_k, module.upload(x_k, y_k))); store[k] = module.private_state()
     global_state = algorithm.aggregate(global_state, uploads)
 
 A method's training step is a pure function of its modules' parameters and a batch (no hidden state),
@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -83,6 +84,41 @@ def cpu_clone(tensors: Tensors) -> Tensors:
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
 
 
+def prefixed(prefix: str, tensors: Tensors) -> Tensors:
+    """Name a module's tensors for a payload: {"phi.0.weight": t} -> {"<prefix>.phi.0.weight": t}."""
+    return {f"{prefix}.{k}": v for k, v in tensors.items()}
+
+
+def unprefixed(prefix: str, tensors: Tensors) -> Tensors:
+    """The inverse of `prefixed`, keeping only the tensors under `prefix`."""
+    p = prefix + "."
+    return {k[len(p):]: v for k, v in tensors.items() if k.startswith(p)}
+
+
+@torch.no_grad()
+def class_prototypes(model: nn.Module, transform: BatchTransform, x: torch.Tensor, y: torch.Tensor,
+                     num_classes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-class mean representation phi(x) over (x, y), the model in eval mode (FedProto, FedGH).
+
+    Returns (labels [m] int64, prototypes [m, d] float32, counts [m] int64) for the m classes present.
+    """
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    sums, counts = None, torch.zeros(num_classes, dtype=torch.int64)
+    for start in range(0, len(y), 512):
+        xb = transform(x[start:start + 512].to(device), train=False)
+        h = model.phi(xb).float().cpu()
+        yb = y[start:start + 512].cpu()
+        if sums is None:
+            sums = torch.zeros(num_classes, h.shape[1])
+        sums.index_add_(0, yb, h)
+        counts += torch.bincount(yb, minlength=num_classes)
+    model.train(was_training)
+    present = torch.nonzero(counts > 0).flatten()
+    return present, sums[present] / counts[present].unsqueeze(1).float(), counts[present]
+
+
 class ClientModule(L.LightningModule):
     """Client side of a method. Subclasses say what trains in each phase, the phase's loss, and what
     travels; this base class does freezing, optimiser set-up, on-device transforms and accuracy."""
@@ -92,6 +128,7 @@ class ClientModule(L.LightningModule):
         self.model = model
         self.cfg = cfg
         self.transform = transform
+        self.num_classes = num_classes
         self.phase: str | None = None
         self.val_accuracy = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self._loss_sum = torch.zeros(())
@@ -110,7 +147,9 @@ class ClientModule(L.LightningModule):
     def receive(self, payload: Tensors) -> None:
         """Load what the server sent this client."""
 
-    def upload(self) -> Tensors:
+    def upload(self, x_train: torch.Tensor, y_train: torch.Tensor) -> Tensors:
+        """What goes to the server after training. x_train, y_train: the client's training data (raw, on
+        the CPU), for methods whose upload summarises it (per-class prototypes)."""
         raise NotImplementedError
 
     def private_state(self) -> Tensors:
@@ -179,6 +218,22 @@ class ClientModule(L.LightningModule):
                                weight_decay=self.cfg.weight_decay)
 
 
+class LocalClient(ClientModule):
+    """One phase, "local": the whole private model trains on CE. Methods that only differ in what they
+    receive and send (standalone, LG-FedAvg, FedAvg, FedGH) build on this."""
+
+    def phases(self) -> list[Phase]:
+        return [Phase("local", self.cfg.local_epochs)]
+
+    def trainable_parameters(self, phase: str) -> list[nn.Parameter]:
+        if phase != "local":
+            raise ValueError(f"{type(self).__name__} has no phase {phase!r}")
+        return list(self.model.parameters())
+
+    def phase_loss(self, phase: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.model(x), y)
+
+
 class Algorithm:
     """Server side of a method, and the factory of its client modules."""
 
@@ -196,6 +251,12 @@ class Algorithm:
 
     def make_client(self, arch: str) -> ClientModule:
         raise NotImplementedError
+
+    def private_model(self, arch: str) -> nn.Module:
+        """A fresh model of the zoo architecture `arch` for this task."""
+        from pfl.models import build_model
+
+        return build_model(arch, self.spec.image_shape, self.spec.num_classes, self.spec.representation_dim)
 
     def initial_global(self) -> Tensors:
         """The server's state before round 1 (what the first broadcast carries)."""

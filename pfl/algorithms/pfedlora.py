@@ -96,7 +96,7 @@ class PFedLoRAClient(ClientModule):
             self.adapter.A.copy_(payload["adapter.A"])
             self.adapter.B.copy_(payload["adapter.B"])
 
-    def upload(self) -> Tensors:
+    def upload(self, x_train, y_train) -> Tensors:
         return cpu_clone({"adapter.A": self.adapter.A, "adapter.B": self.adapter.B})
 
     def private_state(self) -> Tensors:

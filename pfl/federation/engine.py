@@ -3,7 +3,8 @@
 The loop knows nothing about any method: it samples clients, loads each one's private state into a module
 (one cached module per architecture), lets the method's phases train through one reused lean Lightning
 Trainer, collects uploads, calls the method's server step, and evaluates every client's personalised
-model every `eval_every` rounds. Bytes are counted from the payloads actually exchanged.
+model every `eval_every` rounds. Bytes are counted from the payloads actually exchanged; FLOPs are measured
+(pfl/federation/costs.py) on the real training steps, the upload's computation and the server step.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pfl.config import Config
 from pfl.data.batches import TensorBatches
 from pfl.data.partition import ClientData
 from pfl.errors import PflUserError
+from pfl.federation.costs import FlopMeter, count_flops
 from pfl.federation.seeding import derive_seed
 
 EVAL_BATCH_SIZE = 512
@@ -80,11 +82,16 @@ class ClientRunner:
 
     def __init__(self, trainer: L.Trainer):
         self.trainer = trainer
+        self.flop_meter = FlopMeter()
 
-    def fit_phases(self, module: ClientModule, data: ClientData, batch_size: int, seed: int) -> dict[str, float]:
-        losses = {}
+    def fit_phases(self, module: ClientModule, data: ClientData, batch_size: int, seed: int,
+                   arch: str = "") -> tuple[dict[str, float], int]:
+        """Train every phase of the method; returns the mean loss per phase and the training FLOPs."""
+        losses, flops = {}, 0
         for phase in module.phases():
             module.set_phase(phase.name)
+            flops += self.flop_meter.phase_flops(module, arch or type(module.model).__name__, phase.name,
+                                                 phase.epochs, data.x_train, data.y_train, batch_size)
             torch.manual_seed(derive_seed(seed, phase.name, "augment"))
             batches = TensorBatches(data.x_train, data.y_train, batch_size, shuffle=True,
                                     seed=derive_seed(seed, phase.name, "order"))
@@ -95,7 +102,7 @@ class ClientRunner:
                 raise RuntimeError(f"phase {phase.name!r} of client {data.client_id} ran "
                                    f"{module.steps_in_phase} steps, expected {expected}")
             losses[phase.name] = module.mean_phase_loss()
-        return losses
+        return losses, flops
 
     def evaluate(self, module: ClientModule, x: torch.Tensor, y: torch.Tensor) -> float:
         """Top-1 accuracy on (x, y); NaN for an empty test set."""
@@ -177,6 +184,7 @@ class ClientResult:
     upload: Upload
     losses: dict[str, float]
     diagnostics: dict[str, float]
+    flops: int  # training steps, plus whatever receiving the download and computing the upload took
 
 
 @dataclass
@@ -234,13 +242,17 @@ class FederatedRun:
         data = self.clients[client_id]
         module = self.module_for(client_id)
         download = self.algorithm.download(self.state.global_state, client_id)
-        module.receive(download)
-        losses = self.runner.fit_phases(module, data, self.cfg.batch_size,
-                                        derive_seed(self.cfg.seed, "fit", round_idx, client_id))
+        with count_flops() as receive_flops:
+            module.receive(download)
+        losses, flops = self.runner.fit_phases(module, data, self.cfg.batch_size,
+                                               derive_seed(self.cfg.seed, "fit", round_idx, client_id),
+                                               self.architectures[client_id])
         diagnostics = module.diagnostics(data.x_train[:DIAGNOSTIC_SAMPLES], data.y_train[:DIAGNOSTIC_SAMPLES])
-        upload = Upload(client_id, data.num_train, module.upload())
+        with count_flops() as upload_flops:
+            tensors = module.upload(data.x_train, data.y_train)
+        upload = Upload(client_id, data.num_train, tensors)
         self.store.put(client_id, module.private_state())
-        return ClientResult(download, upload, losses, diagnostics)
+        return ClientResult(download, upload, losses, diagnostics, receive_flops() + flops + upload_flops())
 
     def run_round(self) -> dict[str, Any]:
         t = self.state.round + 1
@@ -251,7 +263,9 @@ class FederatedRun:
         for i, k in enumerate(sampled):
             results.append(self.train_client(t, k))
             self.callbacks.on_client_done(t, k, i + 1, len(sampled))
-        self.state.global_state = self.algorithm.aggregate(self.state.global_state, [r.upload for r in results])
+        with count_flops() as server_flops:
+            self.state.global_state = self.algorithm.aggregate(self.state.global_state,
+                                                               [r.upload for r in results])
         train_seconds = time.perf_counter() - started
 
         record: dict[str, Any] = {"round": t, "clients": len(sampled)}
@@ -267,8 +281,10 @@ class FederatedRun:
             bytes_up=sum(payload_bytes(r.upload.tensors) for r in results),
             bytes_down=sum(payload_bytes(r.download) for r in results),
         )
-        previous = self.state.history[-1]["bytes_cumulative"] if self.state.history else 0
-        record["bytes_cumulative"] = previous + record["bytes_up"] + record["bytes_down"]
+        record.update(flops_client=sum(r.flops for r in results), flops_server=server_flops())
+        previous = self.state.history[-1] if self.state.history else {"bytes_cumulative": 0, "flops_cumulative": 0}
+        record["bytes_cumulative"] = previous["bytes_cumulative"] + record["bytes_up"] + record["bytes_down"]
+        record["flops_cumulative"] = previous["flops_cumulative"] + record["flops_client"] + record["flops_server"]
 
         eval_seconds = 0.0
         if t % self.cfg.eval_every == 0 or t == self.cfg.rounds:

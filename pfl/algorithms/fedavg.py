@@ -1,0 +1,46 @@
+"""FedAvg (McMahan et al. 2017), for the model-homogeneous setting only: the whole model travels.
+
+Each round the client loads the global model, trains it on CE, and sends it back; the server takes the
+sample-weighted mean. FedAvg has no personal model: evaluation tests the global model on each client's own
+test set. A heterogeneous zoo cannot be averaged, so the recipe is refused.
+"""
+
+from __future__ import annotations
+
+from pfl.algorithms.base import Algorithm, LocalClient, Tensors, Upload, cpu_clone, weighted_mean
+from pfl.config import Config
+from pfl.errors import ConfigError
+from pfl.models import assign_architectures
+
+
+class FedAvgClient(LocalClient):
+    def receive(self, payload: Tensors) -> None:
+        self.model.load_state_dict(payload)
+
+    def upload(self, x_train, y_train) -> Tensors:
+        return cpu_clone(self.model.state_dict())
+
+    def prepare_eval(self, global_state: Tensors) -> None:
+        self.receive(global_state)
+
+
+class FedAvg(Algorithm):
+    name = "fedavg"
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        archs = sorted(set(assign_architectures(cfg.num_clients, cfg.model_setting, cfg.model_zoo)))
+        if len(archs) > 1:
+            raise ConfigError(f"recipe key 'model_setting': method fedavg averages whole models and needs one "
+                              f"architecture for all clients, got {', '.join(archs)}; use "
+                              f"model_setting=\"homogeneous\" (or a model-heterogeneous method)")
+
+    def make_client(self, arch: str) -> FedAvgClient:
+        return FedAvgClient(self.private_model(arch), self.cfg, self.spec.transform, self.spec.num_classes)
+
+    def initial_global(self) -> Tensors:
+        arch = assign_architectures(1, self.cfg.model_setting, self.cfg.model_zoo)[0]
+        return cpu_clone(self.private_model(arch).state_dict())
+
+    def aggregate(self, global_state: Tensors, uploads: list[Upload]) -> Tensors:
+        return weighted_mean(uploads)

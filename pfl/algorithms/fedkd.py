@@ -1,0 +1,167 @@
+"""FedKD (Wu et al. 2022): a shared mentee distilled mutually with the private mentor; SVD-compressed updates.
+
+Client k holds its private model (the mentor, phi_k/head_k) and a copy of the shared mentee (CNN-5 by
+default, `fedkd.shared_model`). On every batch both learn from the labels and from each other, the
+distillation terms scaled down when the pair is still wrong (adaptive mutual distillation):
+    mentor: CE_t + [KL(p_s || p_t) + MSE(h_t, h_s)] / (CE_t + CE_s)
+    mentee: CE_s + [KL(p_t || p_s) + MSE(h_s, h_t)] / (CE_t + CE_s)
+with the other model's outputs and the denominator fixed (no gradient through them); h is the
+d-dimensional representation, which every zoo model shares, so no projection is needed.
+
+What travels is the mentee's *update*, compressed: every weight matrix (a convolution kernel reshaped to
+out x rest) is replaced by its truncated SVD, U S (m x k) and V^T (k x n), with the smallest k whose
+singular values keep at least a fraction T of the energy sum s_i^2; vectors and matrices for which the
+factors would not be smaller travel as they are. T grows linearly over the rounds from `energy_start` to
+`energy_end`. The server reconstructs the updates, takes their sample-weighted mean, compresses that with
+the same T and applies the compressed update to the global mentee, so that server and clients hold the
+same mentee bit for bit.
+
+Downlink: a client that holds the previous global mentee (it took part in the previous round) receives
+only the compressed aggregate update; any other client receives the whole global mentee (it missed
+updates). Each client keeps its copy of the global mentee ("reference") in its private state.
+Personalised inference: the mentor.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from pfl.algorithms.base import (Algorithm, ClientModule, Phase, Tensors, Upload, cpu_clone, prefixed, unprefixed)
+from pfl.algorithms.fml import _known_model, kl_to
+from pfl.config import Config, Field
+from pfl.errors import ConfigError
+
+
+def compress(delta: Tensors, energy: float) -> Tensors:
+    """Truncated SVD of every matrix in `delta` keeping >= `energy` of its energy (see the module doc)."""
+    out: Tensors = {}
+    for name, t in delta.items():
+        if t.ndim < 2:
+            out[name] = t.clone()
+            continue
+        m = t.reshape(t.shape[0], -1).float()
+        u, s, vh = torch.linalg.svd(m, full_matrices=False)
+        power = s.pow(2)
+        kept = power.cumsum(0) / power.sum()
+        k = min(int((kept < energy).sum()) + 1, len(s))  # smallest k with kept[k-1] >= energy (1 if all zero)
+        if k * (m.shape[0] + m.shape[1]) >= m.numel():
+            out[name] = t.clone()
+            continue
+        out[name + ".us"] = (u[:, :k] * s[:k]).contiguous()
+        out[name + ".vh"] = vh[:k].contiguous()
+    return out
+
+
+def decompress(payload: Tensors, shapes: dict[str, torch.Size]) -> Tensors:
+    """The inverse of `compress` (up to the discarded energy): one tensor per name in `shapes`."""
+    out = {}
+    for name, shape in shapes.items():
+        if name in payload:
+            out[name] = payload[name].clone()
+        else:
+            out[name] = (payload[name + ".us"] @ payload[name + ".vh"]).reshape(shape)
+    return out
+
+
+def energy_at(settings: dict, round_idx: int, rounds: int) -> float:
+    """T for round `round_idx` (1-based): linear from energy_start (round 1) to energy_end (last round)."""
+    frac = (round_idx - 1) / max(rounds - 1, 1)
+    return settings["energy_start"] + (settings["energy_end"] - settings["energy_start"]) * min(frac, 1.0)
+
+
+class FedKDClient(ClientModule):
+    def __init__(self, model, mentee, cfg, transform, num_classes: int):
+        super().__init__(model, cfg, transform, num_classes)
+        self.mentee = mentee
+        self.reference: Tensors = cpu_clone(mentee.state_dict())  # this client's copy of the global mentee
+        self.energy = cfg["fedkd.energy_start"]
+
+    def phases(self) -> list[Phase]:
+        return [Phase("distill", self.cfg.local_epochs)]
+
+    def trainable_parameters(self, phase: str):
+        return list(self.model.parameters()) + list(self.mentee.parameters())
+
+    def phase_loss(self, phase: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        h_t, h_s = self.model.phi(x), self.mentee.phi(x)
+        z_t, z_s = self.model.head(h_t), self.mentee.head(h_s)
+        ce_t, ce_s = F.cross_entropy(z_t, y), F.cross_entropy(z_s, y)
+        scale = (ce_t + ce_s).detach()
+        mentor = ce_t + (kl_to(z_s, z_t) + F.mse_loss(h_t, h_s.detach())) / scale
+        mentee = ce_s + (kl_to(z_t, z_s) + F.mse_loss(h_s, h_t.detach())) / scale
+        return mentor + mentee
+
+    def receive(self, payload: Tensors) -> None:
+        self.energy = float(payload["energy"])
+        full = unprefixed("mentee", payload)
+        if full:
+            self.reference = {k: v.clone() for k, v in full.items()}
+        else:
+            shapes = {k: v.shape for k, v in self.reference.items()}
+            update = decompress(unprefixed("update", payload), shapes)
+            self.reference = {k: self.reference[k] + update[k] for k in shapes}
+        self.mentee.load_state_dict(self.reference)
+
+    def upload(self, x_train, y_train) -> Tensors:
+        trained = cpu_clone(self.mentee.state_dict())
+        delta = {k: trained[k] - self.reference[k] for k in trained}
+        return prefixed("update", compress(delta, self.energy))
+
+    def private_state(self) -> Tensors:
+        return {**cpu_clone(self.model.state_dict()), **prefixed("reference", self.reference)}
+
+    def load_private_state(self, state: Tensors) -> None:
+        self.model.load_state_dict({k: v for k, v in state.items() if not k.startswith("reference.")})
+        self.reference = unprefixed("reference", state)
+
+
+class FedKD(Algorithm):
+    name = "fedkd"
+    SETTINGS = {
+        "energy_start": Field("float", 0.95, "SVD energy kept in round 1", low=0.0, high=1.0, low_open=True),
+        "energy_end": Field("float", 0.98, "SVD energy kept in the last round", low=0.0, high=1.0,
+                            low_open=True),
+        "shared_model": Field("str", "cnn5", "architecture of the shared mentee", check=_known_model),
+    }
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        if cfg["fedkd.energy_end"] < cfg["fedkd.energy_start"]:
+            raise ConfigError(f"recipe key 'fedkd.energy_end': must be >= fedkd.energy_start "
+                              f"({cfg['fedkd.energy_start']}), got {cfg['fedkd.energy_end']}")
+
+    def make_client(self, arch: str) -> FedKDClient:
+        return FedKDClient(self.private_model(arch), self.private_model(self.settings["shared_model"]), self.cfg,
+                           self.spec.transform, self.spec.num_classes)
+
+    def initial_global(self) -> Tensors:
+        mentee = cpu_clone(self.private_model(self.settings["shared_model"]).state_dict())
+        return {**prefixed("mentee", mentee), "version": torch.tensor(0),
+                "client_version": torch.full((self.cfg.num_clients,), -1),
+                "energy": torch.tensor(energy_at(self.settings, 1, self.cfg.rounds))}
+
+    def download(self, global_state: Tensors, client_id: int) -> Tensors:
+        version = int(global_state["version"])
+        if version > 0 and int(global_state["client_version"][client_id]) == version - 1:
+            body = {k: v for k, v in global_state.items() if k.startswith("update.")}
+        else:
+            body = {k: v for k, v in global_state.items() if k.startswith("mentee.")}
+        return {**body, "energy": global_state["energy"]}
+
+    def aggregate(self, global_state: Tensors, uploads: list[Upload]) -> Tensors:
+        mentee = unprefixed("mentee", global_state)
+        shapes = {k: v.shape for k, v in mentee.items()}
+        total = float(sum(u.num_samples for u in uploads))
+        mean = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in mentee.items()}
+        for u in uploads:
+            for k, v in decompress(unprefixed("update", u.tensors), shapes).items():
+                mean[k] += v.double() * (u.num_samples / total)
+        version = int(global_state["version"])
+        update = compress({k: v.float() for k, v in mean.items()}, float(global_state["energy"]))
+        applied = decompress(update, shapes)
+        client_version = global_state["client_version"].clone()
+        client_version[[u.client_id for u in uploads]] = version
+        return {**prefixed("mentee", {k: mentee[k] + applied[k] for k in mentee}), **prefixed("update", update),
+                "version": torch.tensor(version + 1), "client_version": client_version,
+                "energy": torch.tensor(energy_at(self.settings, version + 2, self.cfg.rounds))}

@@ -1,0 +1,74 @@
+"""FedProto (Tan et al. 2022): clients share per-class prototypes (mean representation h per class).
+
+Client: CE(f_k(x), y) + lambda * MSE(h, P[y]), P the global prototypes; samples whose class has no global
+prototype yet (round 1, or a class no client has sent) get CE only. After training the client sends, for
+each class it holds, the mean of phi_k(x) over its training samples (model in eval mode) and the count.
+Server: global prototype of class c = sum_k n_kc p_kc / sum_k n_kc over this round's senders; a class no
+sampled client holds keeps its previous global prototype. Personalised inference: the client's model.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from pfl.algorithms.base import Algorithm, LocalClient, Tensors, Upload, class_prototypes
+from pfl.config import Field
+
+
+class FedProtoClient(LocalClient):
+    def __init__(self, model, cfg, transform, num_classes: int):
+        super().__init__(model, cfg, transform, num_classes)
+        self.lam = cfg["fedproto.lambda"]
+        d = model.representation_dim
+        self.register_buffer("global_protos", torch.zeros(num_classes, d), persistent=False)
+        self.register_buffer("known", torch.zeros(num_classes), persistent=False)  # 1.0 where P[c] exists
+
+    def receive(self, payload: Tensors) -> None:
+        self.global_protos.zero_()
+        self.known.zero_()
+        labels = payload["labels"].to(self.known.device)
+        self.global_protos[labels] = payload["protos"].to(self.global_protos)
+        self.known[labels] = 1.0
+
+    def phase_loss(self, phase: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        h = self.model.phi(x)
+        ce = F.cross_entropy(self.model.head(h), y)
+        # per-sample MSE, averaged over the samples whose class has a prototype (no host sync)
+        weight = self.known[y]
+        per_sample = (h.float() - self.global_protos[y]).pow(2).mean(dim=1)
+        return ce + self.lam * (per_sample * weight).sum() / weight.sum().clamp_min(1.0)
+
+    def upload(self, x_train, y_train) -> Tensors:
+        labels, protos, counts = class_prototypes(self.model, self.transform, x_train, y_train,
+                                                  self.num_classes)
+        return {"labels": labels, "protos": protos, "counts": counts}
+
+
+class FedProto(Algorithm):
+    name = "fedproto"
+    SETTINGS = {"lambda": Field("float", 1.0, "weight of the prototype MSE term", low=0.0)}
+
+    def make_client(self, arch: str) -> FedProtoClient:
+        return FedProtoClient(self.private_model(arch), self.cfg, self.spec.transform, self.spec.num_classes)
+
+    def initial_global(self) -> Tensors:
+        return {"labels": torch.zeros(0, dtype=torch.int64),
+                "protos": torch.zeros(0, self.spec.representation_dim)}
+
+    def aggregate(self, global_state: Tensors, uploads: list[Upload]) -> Tensors:
+        c, d = self.spec.num_classes, self.spec.representation_dim
+        sums = torch.zeros(c, d, dtype=torch.float64)
+        counts = torch.zeros(c, dtype=torch.float64)
+        for u in uploads:
+            sums.index_add_(0, u.tensors["labels"], u.tensors["protos"].double() * u.tensors["counts"].double()[:, None])
+            counts.index_add_(0, u.tensors["labels"], u.tensors["counts"].double())
+        protos = torch.zeros(c, d, dtype=torch.float64)
+        have = torch.zeros(c, dtype=torch.bool)
+        protos[global_state["labels"]] = global_state["protos"].double()  # classes nobody sent: keep
+        have[global_state["labels"]] = True
+        sent = counts > 0
+        protos[sent] = sums[sent] / counts[sent, None]
+        have |= sent
+        labels = torch.nonzero(have).flatten()
+        return {"labels": labels, "protos": protos[labels].float()}

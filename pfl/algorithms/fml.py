@@ -1,0 +1,79 @@
+"""FML (Shen et al. 2020), federated mutual learning: a shared "meme" model beside each private model.
+
+Each round the client's meme starts from the global meme; then, on every batch, both models learn from
+the labels and from each other (deep mutual learning):
+    local: alpha * CE(f_k(x), y) + (1 - alpha) * KL(p_meme || p_local)
+    meme:  beta  * CE(m(x), y)   + (1 - beta)  * KL(p_local || p_meme)
+where the other model's distribution is a fixed target (no gradient through it). Both losses are summed
+into one step of one SGD optimiser over both models, which is the same update as two optimisers with the
+same settings. The meme goes to the server, which takes the sample-weighted mean. The meme is the same
+architecture for every client (`fml.shared_model`, CNN-5 in the paper). Personalised inference: the local
+model.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from pfl.algorithms.base import (Algorithm, ClientModule, Phase, Tensors, Upload, cpu_clone, prefixed, unprefixed,
+                                 weighted_mean)
+from pfl.config import Field
+
+
+def kl_to(target_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """KL(softmax(target) || softmax(logits)), batch mean, no gradient into the target."""
+    return F.kl_div(F.log_softmax(logits, dim=1), F.log_softmax(target_logits.detach(), dim=1),
+                    reduction="batchmean", log_target=True)
+
+
+def _known_model(name: str) -> str | None:
+    from pfl.models import MODEL_REGISTRY
+
+    return None if name in MODEL_REGISTRY else f"unknown model {name!r}; known: {', '.join(sorted(MODEL_REGISTRY))}"
+
+
+class FMLClient(ClientModule):
+    def __init__(self, model, meme, cfg, transform, num_classes: int):
+        super().__init__(model, cfg, transform, num_classes)
+        self.meme = meme
+        self.alpha, self.beta = cfg["fml.alpha"], cfg["fml.beta"]
+
+    def phases(self) -> list[Phase]:
+        return [Phase("mutual", self.cfg.local_epochs)]
+
+    def trainable_parameters(self, phase: str):
+        return list(self.model.parameters()) + list(self.meme.parameters())
+
+    def phase_loss(self, phase: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        local, meme = self.model(x), self.meme(x)
+        local_loss = self.alpha * F.cross_entropy(local, y) + (1 - self.alpha) * kl_to(meme, local)
+        meme_loss = self.beta * F.cross_entropy(meme, y) + (1 - self.beta) * kl_to(local, meme)
+        return local_loss + meme_loss
+
+    def receive(self, payload: Tensors) -> None:
+        self.meme.load_state_dict(unprefixed("meme", payload))
+
+    def upload(self, x_train, y_train) -> Tensors:
+        return cpu_clone(prefixed("meme", self.meme.state_dict()))
+
+
+class FML(Algorithm):
+    name = "fml"
+    SETTINGS = {
+        "alpha": Field("float", 0.5, "weight of CE in the local model's loss (1 - alpha: KL to the meme)",
+                       low=0.0, high=1.0),
+        "beta": Field("float", 0.5, "weight of CE in the meme's loss (1 - beta: KL to the local model)",
+                      low=0.0, high=1.0),
+        "shared_model": Field("str", "cnn5", "architecture of the shared meme model", check=_known_model),
+    }
+
+    def make_client(self, arch: str) -> FMLClient:
+        return FMLClient(self.private_model(arch), self.private_model(self.settings["shared_model"]), self.cfg,
+                         self.spec.transform, self.spec.num_classes)
+
+    def initial_global(self) -> Tensors:
+        return cpu_clone(prefixed("meme", self.private_model(self.settings["shared_model"]).state_dict()))
+
+    def aggregate(self, global_state: Tensors, uploads: list[Upload]) -> Tensors:
+        return weighted_mean(uploads)

@@ -1,0 +1,37 @@
+"""LG-FedAvg (Liang et al. 2020): private representation, shared head.
+
+Each round the client's head (fc3, d -> C, the same shape for every architecture) starts from the global
+head, the whole local model trains on CE, and the head goes back; the server takes the sample-weighted
+mean of the heads. Personalised inference: the client's model as trained (its own latest head).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pfl.algorithms.base import (Algorithm, LocalClient, Tensors, Upload, cpu_clone, prefixed, unprefixed,
+                                 weighted_mean)
+
+
+class LGFedAvgClient(LocalClient):
+    def receive(self, payload: Tensors) -> None:
+        with torch.no_grad():
+            self.model.head.load_state_dict(unprefixed("head", payload))
+
+    def upload(self, x_train, y_train) -> Tensors:
+        return cpu_clone(prefixed("head", self.model.head.state_dict()))
+
+
+class LGFedAvg(Algorithm):
+    name = "lg_fedavg"
+
+    def make_client(self, arch: str) -> LGFedAvgClient:
+        return LGFedAvgClient(self.private_model(arch), self.cfg, self.spec.transform, self.spec.num_classes)
+
+    def initial_global(self) -> Tensors:
+        head = nn.Linear(self.spec.representation_dim, self.spec.num_classes)
+        return cpu_clone(prefixed("head", head.state_dict()))
+
+    def aggregate(self, global_state: Tensors, uploads: list[Upload]) -> Tensors:
+        return weighted_mean(uploads)
