@@ -41,9 +41,12 @@ def _parse_devices(text: str) -> Any:
 class ProgressCallbacks:
     """One rich progress display for the whole run: rounds, clients in the current round, latest accuracy."""
 
-    def __init__(self, progress: Progress, rounds: int):
+    def __init__(self, progress: Progress, rounds: int, label: str = "rounds", overall: Any = None):
         self.progress = progress
-        self.rounds_task = progress.add_task("rounds", total=rounds, acc="-")
+        self.label = label
+        self.overall = overall  # a task counting the rounds of several runs (pfl compare)
+        self.rounds = rounds
+        self.rounds_task = progress.add_task(label, total=rounds, acc="-")
         self.clients_task = progress.add_task("clients", total=1, acc="")
         self.latest = "-"
 
@@ -60,8 +63,14 @@ class ProgressCallbacks:
         if not math.isnan(record["acc_mean"]):
             self.latest = f"{100 * record['acc_mean']:.2f}%"
         self.progress.update(self.rounds_task, advance=1, acc=self.latest)
+        if self.overall is not None:
+            self.progress.update(self.overall, advance=1)
+        if record["round"] == self.rounds:
+            self.progress.remove_task(self.clients_task)
         if not console.is_terminal:  # logs and CI: no live display, so one plain line per round
-            console.print(f"round {record['round']}/{self.progress.tasks[0].total}: mean acc {self.latest}, "
+            prefix = "" if self.label == "rounds" else f"{self.label}: "
+            console.print(f"{prefix}round {record['round']}/{self.rounds}: "
+                          f"mean acc {self.latest}, "
                           f"train loss {record['train_loss']:.4f}, {record['train_seconds']:.2f} s training, "
                           f"{record['eval_seconds']:.2f} s evaluating", highlight=False, soft_wrap=True)
 
@@ -168,6 +177,84 @@ def eval_(
     console.print(table)
     valid = [a for a in accs if not math.isnan(a)]
     console.print(f"mean accuracy {100 * sum(valid) / max(len(valid), 1):.2f}% over {len(valid)} clients")
+
+
+@app.command()
+def compare(
+    recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="recipe to run every method on"),
+    methods: Optional[str] = typer.Option(None, "--methods", "-m",
+                                          help="comma-separated methods (default: pFedLoRA and the six baselines)"),
+    set_: Optional[List[str]] = typer.Option(None, "--set", "-s", help="override a recipe key for all runs: key=value"),
+    seeds: int = typer.Option(1, "--seeds", help="number of seeds: the recipe's seed, seed+1, ..."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="first seed (default: the recipe's)"),
+    from_: Optional[List[Path]] = typer.Option(None, "--from", help="build the comparison from existing run or "
+                                               "comparison directories instead of running"),
+    more: Optional[List[Path]] = typer.Argument(None, help="more directories for --from", show_default=False),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="comparison directory; finished runs in it are "
+                                       "reused"),
+    precision: str = typer.Option("32-true", "--precision"),
+    accelerator: str = typer.Option("cpu", "--accelerator"),
+    devices: str = typer.Option("1", "--devices"),
+) -> None:
+    """Run several methods on the same recipe, partitions and seeds; print and write a table and plots."""
+    from pfl import compare as cmp
+    from pfl.algorithms import PAPER_METHODS
+    from pfl.errors import PflUserError
+    from pfl.run import Hardware
+
+    try:
+        if (recipe is None) == (not from_):
+            raise PflUserError("give either --recipe (run the methods) or --from RUN_DIR ... (use finished runs)")
+        if more and not from_:
+            raise PflUserError(f"unexpected argument '{more[0]}': directories are read only with --from")
+        from_ = list(from_ or []) + list(more or [])
+        if seeds < 1:
+            raise PflUserError(f"--seeds: must be an integer >= 1, got {seeds}")
+        if from_:
+            if methods or set_ or seed is not None or seeds != 1:
+                raise PflUserError("--from: --methods, --set, --seed and --seeds apply only with --recipe")
+            records = cmp.collect_runs(from_)
+            if out is None:
+                out = from_[0] if len(from_) == 1 and (from_[0] / "runs").is_dir() else \
+                    Path("runs") / f"compare-{datetime.now():%Y%m%d-%H%M%S}"
+        else:
+            names = [m.strip() for m in methods.split(",") if m.strip()] if methods else list(PAPER_METHODS)
+            if not names:
+                raise PflUserError("--methods: give at least one method, e.g. --methods pfedlora,standalone")
+            runs = cmp.plan(recipe, set_ or [], names, seeds, seed)
+            base = runs[0][2]
+            out = out or Path("runs") / f"compare-{base.name}-{datetime.now():%Y%m%d-%H%M%S}"
+            cmp.check_reuse(out, runs)
+            hw = Hardware(accelerator, _parse_devices(devices), precision)
+            console.print(f"[bold]pfl compare[/] {', '.join(names)} on {base.dataset}: N={base.num_clients}, "
+                          f"C={base.participation}, T={base.rounds}, {base.partition} partition, "
+                          f"{len(runs) // len(names)} seed(s) -> {out}")
+            with _progress() as progress:
+                overall = progress.add_task("all runs", total=sum(c.rounds for _, _, c, _ in runs), acc="")
+
+                def callbacks_for(method, seed_, cfg):
+                    return ProgressCallbacks(progress, cfg.rounds, f"{method} seed {seed_}", overall)
+
+                def on_reused(method, seed_, run_dir):
+                    progress.update(overall, advance=runs[0][2].rounds)
+                    progress.console.print(f"reusing finished run {run_dir}", highlight=False)
+
+                records = cmp.run_comparison(out, runs, hw, callbacks_for, on_reused)
+        rows = cmp.summarise(records)
+        written = cmp.write_outputs(out.expanduser().absolute(), records, rows)
+    except PflUserError as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        err_console.print("interrupted: finished runs are kept and will be reused; the unfinished one was removed")
+        raise typer.Exit(code=130) from None
+    table = Table(title="comparison", caption=cmp.describe(records))
+    for col in cmp.TABLE_COLUMNS:
+        table.add_column(col, justify="left" if col == "method" else "right")
+    for cells in cmp.table_rows(rows):
+        table.add_row(*cells)
+    console.print(table)
+    console.print(f"ratios in brackets: method / {cmp.REFERENCE}; written: "
+                  + ", ".join(str(p) for p in written), highlight=False, soft_wrap=True)
 
 
 @app.command()

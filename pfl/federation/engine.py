@@ -84,6 +84,11 @@ class ClientRunner:
         self.trainer = trainer
         self.flop_meter = FlopMeter()
 
+    @property
+    def device(self) -> torch.device:
+        """The device client fits run on (Lightning moves modules back to the CPU after each fit)."""
+        return self.trainer.strategy.root_device
+
     def fit_phases(self, module: ClientModule, data: ClientData, batch_size: int, seed: int,
                    arch: str = "") -> tuple[dict[str, float], int]:
         """Train every phase of the method; returns the mean loss per phase and the training FLOPs."""
@@ -247,6 +252,7 @@ class FederatedRun:
         losses, flops = self.runner.fit_phases(module, data, self.cfg.batch_size,
                                                derive_seed(self.cfg.seed, "fit", round_idx, client_id),
                                                self.architectures[client_id])
+        module.to(self.runner.device)  # diagnostics and uploads that compute (prototypes) run where training did
         diagnostics = module.diagnostics(data.x_train[:DIAGNOSTIC_SAMPLES], data.y_train[:DIAGNOSTIC_SAMPLES])
         with count_flops() as upload_flops:
             tensors = module.upload(data.x_train, data.y_train)

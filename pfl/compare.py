@@ -1,0 +1,375 @@
+"""`pfl compare`: several methods on the same recipe, partitions and seeds; one table and two plots.
+
+Layout of a comparison directory:
+
+    runs/<method>-seed<S>/   an ordinary run directory per (method, seed), written by `pfl.run.train`
+    comparison.csv           one row per method: accuracy mean and std over seeds, costs, to-target costs
+    comparison.md            the same table in Markdown, with the protocol it was measured under
+    accuracy_vs_round.png    mean accuracy per round (mean over seeds, band: min-max over seeds)
+    accuracy_vs_bytes.png    mean accuracy against bytes communicated so far (both directions)
+
+A finished run (it has summary.json, which `train` writes last) is reused when the comparison is run
+again with the same output directory, after checking that it was made with the same resolved recipe.
+Ratios compare each method with pFedLoRA as "method / pFedLoRA", so 7.4 means the method needed 7.4x
+what pFedLoRA needed (the paper's "7.41x less communication").
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from pfl import config as config_mod
+from pfl.config import Config
+from pfl.errors import ConfigError, RunDirError
+
+REFERENCE = "pfedlora"
+# Keys that may differ between the runs of one comparison; every other key is the protocol and must match.
+_FREE_KEYS = {"method", "seed", "name", "description", "data_dir", "download", "store"}
+
+
+@dataclass
+class RunRecord:
+    method: str
+    seed: int
+    run_dir: Path
+    config: Config
+    summary: dict[str, Any]
+    history: list[dict[str, float]]
+
+
+def run_dir_for(out: Path, method: str, seed: int) -> Path:
+    return out / "runs" / f"{method}-seed{seed}"
+
+
+def plan(recipe: str, overrides: list[str], methods: list[str], seeds: int,
+         seed: int | None = None) -> list[tuple[str, int, Config, str]]:
+    """(method, seed, resolved config, recipe source) for every run, all validated before any runs."""
+    from pfl.algorithms import ALGORITHMS
+
+    unknown = [m for m in methods if m not in ALGORITHMS]
+    if unknown:
+        raise ConfigError(f"--methods: unknown method {unknown[0]!r}; known: {', '.join(sorted(ALGORITHMS))}")
+    if len(set(methods)) != len(methods):
+        raise ConfigError(f"--methods: a method is listed twice: {','.join(methods)}")
+    raw, source = config_mod.read_recipe_file(recipe)
+    parsed = dict(config_mod.parse_override(o) for o in overrides)
+    if "method" in parsed or "seed" in parsed:
+        raise ConfigError("--set: 'method' and 'seed' are chosen by --methods and --seeds in `pfl compare`")
+    first = config_mod.resolve(raw, {**parsed, **({"seed": seed} if seed is not None else {})}).seed
+    runs = []
+    for s in range(first, first + seeds):
+        for m in methods:
+            runs.append((m, s, config_mod.resolve(raw, {**parsed, "method": m, "seed": s}), source))
+    return runs
+
+
+def finished(run_dir: Path) -> bool:
+    return (run_dir / "summary.json").is_file()
+
+
+def check_same_config(run_dir: Path, cfg: Config) -> None:
+    """A finished run may be reused only if it was made with exactly this resolved recipe."""
+    from pfl.run import load_run_config
+
+    old = load_run_config(run_dir).as_flat()
+    new = cfg.as_flat()
+    for key in sorted(set(old) | set(new)):
+        if key in ("data_dir",):
+            continue
+        if old.get(key) != new.get(key):
+            raise RunDirError(f"--out: the finished run '{run_dir}' was made with {key}={old.get(key)!r}, this "
+                              f"comparison asks for {key}={new.get(key)!r}; use a new --out directory")
+
+
+def read_metrics(path: Path) -> list[dict[str, float]]:
+    with open(path, newline="") as f:
+        return [{k: (float(v) if v not in ("", None) else math.nan) for k, v in row.items()}
+                for row in csv.DictReader(f)]
+
+
+def load_run(run_dir: Path) -> RunRecord:
+    from pfl.run import load_run_config
+
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir)
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+        history = read_metrics(run_dir / "metrics.csv")
+    except FileNotFoundError as exc:
+        raise RunDirError(f"'{run_dir}' is not a finished pfl run: {Path(exc.filename).name} is missing") from None
+    except (json.JSONDecodeError, ValueError, csv.Error) as exc:
+        raise RunDirError(f"'{run_dir}': summary.json or metrics.csv is unreadable: {exc}") from None
+    if not history or "flops_cumulative" not in history[0]:
+        raise RunDirError(f"'{run_dir}': metrics.csv has no cost columns; it was written by an older pfl")
+    return RunRecord(cfg.method, cfg.seed, run_dir, cfg, summary, history)
+
+
+def collect_runs(paths: list[Path]) -> list[RunRecord]:
+    """Runs from run directories and/or comparison directories (their runs/ subdirectories)."""
+    records = []
+    for path in paths:
+        path = Path(path)
+        if (path / "config.toml").is_file():
+            records.append(load_run(path))
+        elif (path / "runs").is_dir():
+            found = sorted(p for p in (path / "runs").iterdir() if p.is_dir() and finished(p))
+            if not found:
+                raise RunDirError(f"--from: '{path}' has no finished runs under runs/")
+            records += [load_run(p) for p in found]
+        else:
+            raise RunDirError(f"--from: '{path}' is neither a pfl run directory nor a comparison directory")
+    seen = {}
+    for r in records:
+        if (r.method, r.seed) in seen:
+            raise RunDirError(f"--from: two runs of {r.method} with seed {r.seed}: '{seen[r.method, r.seed]}' "
+                              f"and '{r.run_dir}'")
+        seen[r.method, r.seed] = r.run_dir
+    check_comparable(records)
+    return records
+
+
+def _protocol(cfg: Config) -> dict[str, Any]:
+    from pfl.algorithms import ALGORITHMS
+
+    return {k: v for k, v in cfg.as_flat().items()
+            if k not in _FREE_KEYS and k.split(".")[0] not in ALGORITHMS}
+
+
+def check_comparable(records: list[RunRecord]) -> None:
+    """Every run must share the protocol (data, partition, N, C, rounds, optimiser, ...)."""
+    first = records[0]
+    base = _protocol(first.config)
+    for r in records[1:]:
+        other = _protocol(r.config)
+        for key in sorted(set(base) | set(other)):
+            if base.get(key) != other.get(key):
+                raise RunDirError(f"runs '{first.run_dir}' and '{r.run_dir}' differ in recipe key '{key}' "
+                                  f"({base.get(key)!r} vs {other.get(key)!r}); they cannot be compared")
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    vals = [v for v in values if not math.isnan(v)]
+    if not vals:
+        return math.nan, math.nan
+    return float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
+
+
+def summarise(records: list[RunRecord]) -> list[dict[str, Any]]:
+    """One row per method (in the order first seen): accuracy mean/std over seeds, per-round costs, and
+    to-target costs with their ratio to pFedLoRA's."""
+    by_method: dict[str, list[RunRecord]] = {}
+    for r in records:
+        by_method.setdefault(r.method, []).append(r)
+    rows = []
+    for method, runs in by_method.items():
+        runs.sort(key=lambda r: r.seed)
+        final_mean, final_std = _mean_std([r.summary["final"]["acc_mean"] for r in runs])
+        best_mean, best_std = _mean_std([r.summary["best"]["acc_mean"] for r in runs])
+        rounds = [len(r.history) for r in runs]
+        bytes_round = np.mean([(r.summary["bytes_up_total"] + r.summary["bytes_down_total"]) / n
+                               for r, n in zip(runs, rounds)])
+        params_round = np.mean([(r.summary["params_up_total"] + r.summary["params_down_total"]) / n
+                                for r, n in zip(runs, rounds)])
+        flops_round = np.mean([(r.summary["flops_client_total"] + r.summary["flops_server_total"]) / n
+                               for r, n in zip(runs, rounds)])
+        reached = [r.summary["to_target"] for r in runs if r.summary.get("to_target")]
+        row = {
+            "method": method, "seeds": len(runs), "seed_list": " ".join(str(r.seed) for r in runs),
+            "final_acc_mean": final_mean, "final_acc_std": final_std,
+            "best_acc_mean": best_mean, "best_acc_std": best_std,
+            "params_per_round": float(params_round), "bytes_per_round": float(bytes_round),
+            "flops_per_round": float(flops_round),
+            "target_accuracy": runs[0].summary.get("target_accuracy", 0.0),
+            "target_reached": f"{len(reached)}/{len(runs)}",
+            "rounds_to_target": _mean_std([t["round"] for t in reached])[0],
+            "bytes_to_target": _mean_std([t["bytes"] for t in reached])[0],
+            "flops_to_target": _mean_std([t["flops"] for t in reached])[0],
+        }
+        rows.append(row)
+    ref = next((r for r in rows if r["method"] == REFERENCE), None)
+    for row in rows:
+        for what in ("bytes", "flops"):
+            mine, theirs = row[f"{what}_to_target"], ref[f"{what}_to_target"] if ref else math.nan
+            row[f"{what}_to_target_vs_{REFERENCE}"] = mine / theirs if theirs and theirs > 0 and not \
+                math.isnan(mine) and not math.isnan(theirs) else math.nan
+    return rows
+
+
+# ------------------------------------------------------------------ formatting
+
+def fmt_acc(mean: float, std: float) -> str:
+    return "-" if math.isnan(mean) else f"{100 * mean:.2f}±{100 * std:.2f}"
+
+
+def fmt_count(x: float, unit: str = "") -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    for scale, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= scale:
+            return f"{x / scale:.3g} {prefix}{unit}"
+    return f"{x:.3g} {unit}".strip()
+
+
+def fmt_ratio(x: float) -> str:
+    return "-" if math.isnan(x) else f"{x:.2f}x"
+
+
+TABLE_COLUMNS = ("method", "final acc %", "best acc %", "bytes/round", "FLOPs/round", "rounds to target",
+                 "bytes to target (x)", "FLOPs to target (x)")
+
+
+def table_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
+    out = []
+    for r in rows:
+        reached = r["target_reached"]
+        out.append([
+            r["method"], fmt_acc(r["final_acc_mean"], r["final_acc_std"]), fmt_acc(r["best_acc_mean"], r["best_acc_std"]),
+            fmt_count(r["bytes_per_round"], "B"), fmt_count(r["flops_per_round"]),
+            "-" if math.isnan(r["rounds_to_target"]) else f"{r['rounds_to_target']:.1f} ({reached})",
+            "-" if math.isnan(r["bytes_to_target"]) else
+            f"{fmt_count(r['bytes_to_target'], 'B')} ({fmt_ratio(r[f'bytes_to_target_vs_{REFERENCE}'])})",
+            "-" if math.isnan(r["flops_to_target"]) else
+            f"{fmt_count(r['flops_to_target'])} ({fmt_ratio(r[f'flops_to_target_vs_{REFERENCE}'])})",
+        ])
+    return out
+
+
+def describe(records: list[RunRecord]) -> str:
+    cfg = records[0].config
+    seeds = sorted({r.seed for r in records})
+    target = cfg.target_accuracy
+    return (f"{cfg.dataset}, {cfg.partition} partition"
+            + (f" (alpha={cfg.dirichlet_alpha})" if cfg.partition == "dirichlet" else "")
+            + (f" ({cfg.classes_per_client} classes/client)" if cfg.partition == "pathological" else "")
+            + f", N={cfg.num_clients}, C={cfg.participation}, T={cfg.rounds}, E={cfg.local_epochs}, "
+            f"batch {cfg.batch_size}, {cfg.model_setting} models; seeds {', '.join(map(str, seeds))}; "
+            f"accuracy: personalised, unweighted mean over clients; target "
+            + (f"{100 * target:g}%" if target > 0 else "none"))
+
+
+# ------------------------------------------------------------------ outputs
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_outputs(out: Path, records: list[RunRecord], rows: list[dict[str, Any]]) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    columns = list(rows[0])
+    lines = [",".join(columns)]
+    for r in rows:
+        lines.append(",".join("" if isinstance(r[c], float) and math.isnan(r[c]) else str(r[c]) for c in columns))
+    _atomic_write(out / "comparison.csv", "\n".join(lines) + "\n")
+    md = [f"# Comparison\n", describe(records) + "\n",
+          f"Accuracy: mean ± std over seeds (sample std). Ratios in brackets: method / {REFERENCE} (above 1: "
+          f"{REFERENCE} needed less). Costs are measured: "
+          "bytes from the tensors sent (both directions), FLOPs with torch's FlopCounterMode on the real "
+          "training steps and server step. `best` is the best round's mean accuracy, not the final result.\n",
+          "| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
+    md += ["| " + " | ".join(cells) + " |" for cells in table_rows(rows)]
+    _atomic_write(out / "comparison.md", "\n".join(md) + "\n")
+    plots = [out / "accuracy_vs_round.png", out / "accuracy_vs_bytes.png"]
+    plot_comparison(records, plots[0], plots[1], describe(records))
+    return [out / "comparison.csv", out / "comparison.md", *plots]
+
+
+def _curves(runs: list[RunRecord], column: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per evaluated round: x = mean over seeds of `column`; accuracy mean, min, max over seeds."""
+    length = min(len(r.history) for r in runs)
+    rows = [[r.history[i] for r in runs] for i in range(length)]
+    rows = [rs for rs in rows if not any(math.isnan(x["acc_mean"]) for x in rs)]
+    x = np.array([np.mean([x[column] for x in rs]) for rs in rows])
+    accs = np.array([[100 * x["acc_mean"] for x in rs] for rs in rows])
+    return x, accs.mean(axis=1), accs.min(axis=1), accs.max(axis=1)
+
+
+def plot_comparison(records: list[RunRecord], by_round: Path, by_bytes: Path, subtitle: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import textwrap
+
+    by_method: dict[str, list[RunRecord]] = {}
+    for r in records:
+        by_method.setdefault(r.method, []).append(r)
+    target = records[0].config.target_accuracy
+    title = "\n".join(textwrap.wrap(subtitle, 100))
+    for path, column, xlabel in ((by_round, "round", "round"),
+                                 (by_bytes, "bytes_cumulative", "bytes communicated so far (up + down, log)")):
+        fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
+        for method, runs in by_method.items():
+            x, mean, lo, hi = _curves(runs, column)
+            if len(x) == 0:
+                continue
+            style = {"lw": 2.4, "color": "black"} if method == REFERENCE else {"lw": 1.4}
+            if column == "bytes_cumulative":
+                if x[-1] <= 0:  # sends nothing: a level, not a curve
+                    ax.axhline(mean[-1], ls=":", label=f"{method} (sends nothing; final level)",
+                               **({"color": "grey"}))
+                    continue
+                keep = x > 0
+                x, mean, lo, hi = x[keep], mean[keep], lo[keep], hi[keep]
+            line, = ax.plot(x, mean, label=method, **style)
+            if len(runs) > 1:
+                ax.fill_between(x, lo, hi, alpha=0.15, color=line.get_color())
+        if target > 0:
+            ax.axhline(100 * target, color="red", ls="--", lw=0.8, label=f"target {100 * target:g}%")
+        if column == "bytes_cumulative":
+            ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("personalised test accuracy, mean over clients (%)")
+        ax.set_title(title, fontsize=7)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
+        fig.tight_layout()
+        tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
+        fig.savefig(tmp)
+        plt.close(fig)
+        os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------ running
+
+def check_reuse(out: Path, runs: list[tuple[str, int, Config, str]]) -> None:
+    """Refuse a comparison directory whose finished runs were made differently, before any compute."""
+    out = out.expanduser().absolute()
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"--out: '{out}' exists and is not a directory")
+    for method, seed, cfg, _ in runs:
+        d = run_dir_for(out, method, seed)
+        if finished(d):
+            check_same_config(d, cfg)
+        elif d.exists() and (not d.is_dir() or any(d.iterdir())):
+            raise RunDirError(f"--out: '{d}' exists but holds no finished run; remove it and run again")
+
+
+def run_comparison(out: Path, runs: list[tuple[str, int, Config, str]], hw,
+                   callbacks_for: Callable[[str, int, Config], Any] | None = None,
+                   on_reused: Callable[[str, int, Path], None] | None = None) -> list[RunRecord]:
+    """Train every (method, seed) not finished yet under out/runs/, reusing finished ones; then load all."""
+    from pfl.run import check_hardware, train
+
+    out = out.expanduser().absolute()
+    check_reuse(out, runs)
+    check_hardware(hw)
+    records = []
+    for method, seed, cfg, source in runs:
+        d = run_dir_for(out, method, seed)
+        if finished(d):
+            if on_reused:
+                on_reused(method, seed, d)
+        else:
+            train(cfg, d, hw, callbacks_for(method, seed, cfg) if callbacks_for else None, source)
+        records.append(load_run(d))
+    return records
