@@ -20,6 +20,17 @@ console = Console()
 err_console = Console(stderr=True)
 
 
+def _interrupt_on_sigterm() -> None:
+    """`kill` (SIGTERM, as sent by timeout and job schedulers) cleans up like Ctrl-C instead of leaving a
+    half-written staging directory behind."""
+    import signal
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def _fail(message: str) -> None:
     """One line on stderr naming the problem, exit code 2."""
     err_console.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
@@ -92,6 +103,7 @@ def train(
     devices: str = typer.Option("1", "--devices", help="1, or one device index such as [1]"),
 ) -> None:
     """Run a recipe and write a run directory (config, metrics.csv, summary.json, plot, final state)."""
+    _interrupt_on_sigterm()
     from pfl import config
     from pfl.errors import PflUserError
     from pfl import run as run_mod
@@ -136,6 +148,13 @@ def _print_run(run_dir: Path, summary: dict[str, Any]) -> None:
     rounds = max(summary["rounds"], 1)
     totals.add_row("bytes per round", f"up {summary['bytes_up_total'] / rounds:,.0f}, "
                    f"down {summary['bytes_down_total'] / rounds:,.0f}")
+    totals.add_row("FLOPs per round", f"clients {summary['flops_client_total'] / rounds:.4g}, "
+                   f"server {summary['flops_server_total'] / rounds:.4g} (FlopCounterMode)")
+    if summary["target_accuracy"] > 0:
+        reached = summary["to_target"]
+        totals.add_row(f"to {100 * summary['target_accuracy']:g}% mean accuracy",
+                       "not reached" if reached is None else
+                       f"round {reached['round']}, {reached['bytes']:,} bytes, {reached['flops']:.4g} FLOPs")
     totals.add_row("time", f"{summary['wall_seconds']:.1f} s in all, {summary['train_seconds_per_round']:.2f} s "
                    f"training per round")
     totals.add_row("run directory", str(run_dir))
@@ -197,6 +216,7 @@ def compare(
     devices: str = typer.Option("1", "--devices"),
 ) -> None:
     """Run several methods on the same recipe, partitions and seeds; print and write a table and plots."""
+    _interrupt_on_sigterm()
     from pfl import compare as cmp
     from pfl.algorithms import PAPER_METHODS
     from pfl.errors import PflUserError

@@ -146,3 +146,26 @@ def test_cifar10_recipe_runs_end_to_end_on_a_cifar_format_archive(tmp_path):
     import csv
     archs = [r["arch"] for r in csv.DictReader(open(out / "per_client.csv"))]
     assert archs == ["cnn1", "cnn2", "cnn3", "cnn4", "cnn5"]
+
+
+def test_sigterm_stops_a_run_cleanly_and_leaves_nothing_behind(tmp_path):
+    """`timeout` and job schedulers send SIGTERM: the run must clean up its staging directory like Ctrl-C."""
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen(PFL + ["train", "--recipe", "smoke", "--set", "rounds=500", "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(tmp_path.glob(".run.partial-*/metrics.csv")) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert list(tmp_path.glob(".run.partial-*")), "the run never started its first round"
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130 and "interrupted" in stderr, stderr
+    assert not out.exists() and not list(tmp_path.glob(".run.partial-*"))

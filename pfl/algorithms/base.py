@@ -219,8 +219,9 @@ class ClientModule(L.LightningModule):
 
 
 class LocalClient(ClientModule):
-    """One phase, "local": the whole private model trains on CE. Methods that only differ in what they
-    receive and send (standalone, LG-FedAvg, FedAvg, FedGH) build on this."""
+    """One phase, "local": the whole private model trains on CE. Methods that differ only in what they
+    receive and send (standalone, LG-FedAvg, FedAvg, FedGH), or add a term to the loss (FedProto), build on
+    this."""
 
     def phases(self) -> list[Phase]:
         return [Phase("local", self.cfg.local_epochs)]
