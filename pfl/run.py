@@ -175,7 +175,7 @@ def _write_run(root: Path, setup: Setup, run: FederatedRun, state, wall: float, 
     summary = {
         "method": cfg.method, "dataset": cfg.dataset, "recipe": cfg.name, "recipe_source": recipe_source,
         "seed": cfg.seed, "rounds": state.round, "num_clients": cfg.num_clients,
-        "evaluation": _evaluation_label(cfg),
+        "evaluation": setup.algorithm.evaluation_label(),
         "final": {k: final[k] for k in ("round", "acc_mean", "acc_weighted", "acc_std", "acc_min", "acc_max")},
         "best": {"round": best["round"], "acc_mean": best["acc_mean"],
                  "note": "best mean accuracy over evaluated rounds; not the final result"},
@@ -196,13 +196,6 @@ def _write_run(root: Path, setup: Setup, run: FederatedRun, state, wall: float, 
     plot_accuracy(state.history, root / "accuracy.png", title=f"{cfg.method} on {cfg.dataset} "
                   f"(N={cfg.num_clients}, C={cfg.participation}, seed {cfg.seed})")
     return summary
-
-
-def _evaluation_label(cfg: Config) -> str:
-    label = "personalised: each client's model on its own test set"
-    if cfg.method == "pfedlora":
-        label += f"; adapter used at inference: {cfg['pfedlora.inference_adapter']}"
-    return label
 
 
 def write_metrics_csv(path: Path, history: list[dict[str, Any]]) -> None:

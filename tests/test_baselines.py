@@ -281,6 +281,14 @@ def test_bytes_per_round_equal_the_sizes_of_the_tensors_sent(make_cfg):
     held = [int(torch.unique(c.y_train).numel()) for c in clients]
     assert record["bytes_up"] == sum(m * (4 * D + 8 + 8) for m in held)
     assert record["bytes_down"] == 0  # no global prototypes exist before round 1
+    # FedGH: the same prototypes without counts up; the global head (C x d + C float32) down
+    cfg = method_cfg(make_cfg, "fedgh", rounds=1)
+    algo, clients, archs = setup(cfg)
+    run = FederatedRun(cfg, clients, archs, algo, MemoryStore(), ClientRunner(make_trainer()))
+    run.initialise()
+    record = run.run_round()
+    assert record["bytes_up"] == sum(m * (4 * D + 8) for m in held)
+    assert record["bytes_down"] == k * 4 * (C * D + C)
 
 
 def test_every_paper_method_runs_a_round_and_measures_flops(make_cfg):

@@ -259,6 +259,10 @@ class Algorithm:
 
         return build_model(arch, self.spec.image_shape, self.spec.num_classes, self.spec.representation_dim)
 
+    def evaluation_label(self) -> str:
+        """What personalised evaluation tests, for summary.json and tables."""
+        return "personalised: each client's own model on its own test set"
+
     def initial_global(self) -> Tensors:
         """The server's state before round 1 (what the first broadcast carries)."""
         return {}

@@ -35,6 +35,9 @@ class FedAvg(Algorithm):
                               f"architecture for all clients, got {', '.join(archs)}; use "
                               f"model_setting=\"homogeneous\" (or a model-heterogeneous method)")
 
+    def evaluation_label(self) -> str:
+        return "the global model on each client's own test set (FedAvg has no personal model)"
+
     def make_client(self, arch: str) -> FedAvgClient:
         return FedAvgClient(self.private_model(arch), self.cfg, self.spec.transform, self.spec.num_classes)
 

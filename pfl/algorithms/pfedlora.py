@@ -135,6 +135,10 @@ class PFedLoRA(Algorithm):
             raise ConfigError(f"recipe key 'pfedlora.rank': must be an integer in [1, {d}] "
                               f"(representation_dim), got {rank}")
 
+    def evaluation_label(self) -> str:
+        return (f"personalised: each client's model on its own test set; adapter used at inference: "
+                f"{self.settings['inference_adapter']}")
+
     def _adapter(self) -> LoRAAdapter:
         return LoRAAdapter(self.spec.representation_dim, self.spec.num_classes, self.settings["rank"],
                            _adapter_alpha(self.settings))
