@@ -272,7 +272,8 @@ def compare(
         table.add_column(col, justify="left" if col == "method" else "right")
     for cells in cmp.table_rows(rows):
         table.add_row(*cells)
-    console.print(table)
+    # logs and pipes get rich's 80 columns, which would wrap every cell: give the table room there
+    (console if console.is_terminal else Console(width=max(console.width, 170))).print(table)
     console.print(f"ratios in brackets: method / {cmp.REFERENCE}; written: "
                   + ", ".join(str(p) for p in written), highlight=False, soft_wrap=True)
 

@@ -162,15 +162,22 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
 
 
+def _method_order(record: RunRecord) -> tuple[int, str, int]:
+    """pFedLoRA first, then the baselines in the paper's order, then any other method; seeds ascending."""
+    from pfl.algorithms import PAPER_METHODS
+
+    order = {m: i for i, m in enumerate(PAPER_METHODS)}
+    return order.get(record.method, len(order)), record.method, record.seed
+
+
 def summarise(records: list[RunRecord]) -> list[dict[str, Any]]:
-    """One row per method (in the order first seen): accuracy mean/std over seeds, per-round costs, and
+    """One row per method (pFedLoRA, then the paper's baselines, then others): accuracy mean/std over seeds, per-round costs, and
     to-target costs with their ratio to pFedLoRA's."""
     by_method: dict[str, list[RunRecord]] = {}
-    for r in records:
+    for r in sorted(records, key=_method_order):
         by_method.setdefault(r.method, []).append(r)
     rows = []
     for method, runs in by_method.items():
-        runs.sort(key=lambda r: r.seed)
         final_mean, final_std = _mean_std([r.summary["final"]["acc_mean"] for r in runs])
         best_mean, best_std = _mean_std([r.summary["best"]["acc_mean"] for r in runs])
         rounds = [len(r.history) for r in runs]
@@ -195,6 +202,14 @@ def summarise(records: list[RunRecord]) -> list[dict[str, Any]]:
         }
         rows.append(row)
     ref = next((r for r in rows if r["method"] == REFERENCE), None)
+    # paired over the seeds both ran (same seed = same partition and initial draws): the difference
+    # without the seed-to-seed spread of the data split
+    final_of = {(r.method, r.seed): r.summary["final"]["acc_mean"] for r in records}
+    for row in rows:
+        diffs = [final_of[row["method"], s] - final_of[REFERENCE, s] for s in sorted({r.seed for r in records})
+                 if (row["method"], s) in final_of and (REFERENCE, s) in final_of]
+        row[f"final_minus_{REFERENCE}_mean"], row[f"final_minus_{REFERENCE}_std"] = _mean_std(diffs)
+        row["paired_seeds"] = len(diffs)
     for row in rows:
         for what in ("bytes", "flops"):
             mine, theirs = row[f"{what}_to_target"], ref[f"{what}_to_target"] if ref else math.nan
@@ -222,8 +237,8 @@ def fmt_ratio(x: float) -> str:
     return "-" if math.isnan(x) else f"{x:.2f}x"
 
 
-TABLE_COLUMNS = ("method", "final acc %", "best acc %", "bytes/round", "FLOPs/round", "rounds to target",
-                 "bytes to target (x)", "FLOPs to target (x)")
+TABLE_COLUMNS = ("method", "final acc %", f"final - {REFERENCE} (paired)", "best acc %", "bytes/round",
+                 "FLOPs/round", "rounds to target", "bytes to target (x)", "FLOPs to target (x)")
 
 
 def table_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
@@ -231,7 +246,11 @@ def table_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
     for r in rows:
         reached = r["target_reached"]
         out.append([
-            r["method"], fmt_acc(r["final_acc_mean"], r["final_acc_std"]), fmt_acc(r["best_acc_mean"], r["best_acc_std"]),
+            r["method"], fmt_acc(r["final_acc_mean"], r["final_acc_std"]),
+            "-" if math.isnan(r[f"final_minus_{REFERENCE}_mean"]) or r["method"] == REFERENCE else
+            f"{100 * r[f'final_minus_{REFERENCE}_mean']:+.2f}±{100 * r[f'final_minus_{REFERENCE}_std']:.2f} "
+            f"({r['paired_seeds']})",
+            fmt_acc(r["best_acc_mean"], r["best_acc_std"]),
             fmt_count(r["bytes_per_round"], "B"), fmt_count(r["flops_per_round"]),
             "-" if math.isnan(r["rounds_to_target"]) else f"{r['rounds_to_target']:.1f} ({reached})",
             "-" if math.isnan(r["bytes_to_target"]) else
@@ -271,7 +290,8 @@ def write_outputs(out: Path, records: list[RunRecord], rows: list[dict[str, Any]
         lines.append(",".join("" if isinstance(r[c], float) and math.isnan(r[c]) else str(r[c]) for c in columns))
     _atomic_write(out / "comparison.csv", "\n".join(lines) + "\n")
     md = [f"# Comparison\n", describe(records) + "\n",
-          f"Accuracy: mean ± std over seeds (sample std). Ratios in brackets: method / {REFERENCE} (above 1: "
+          f"Accuracy: mean ± std over seeds (sample std); `final - {REFERENCE}`: per-seed difference in "
+          f"points, mean ± std over the seeds both ran (count in brackets). Ratios in brackets: method / {REFERENCE} (above 1: "
           f"{REFERENCE} needed less). Costs are measured: "
           "bytes from the tensors sent (both directions), FLOPs with torch's FlopCounterMode on the real "
           "training steps and server step. `best` is the best round's mean accuracy, not the final result.\n",
@@ -301,7 +321,7 @@ def plot_comparison(records: list[RunRecord], by_round: Path, by_bytes: Path, su
     import textwrap
 
     by_method: dict[str, list[RunRecord]] = {}
-    for r in records:
+    for r in sorted(records, key=_method_order):
         by_method.setdefault(r.method, []).append(r)
     target = records[0].config.target_accuracy
     title = "\n".join(textwrap.wrap(subtitle, 100))
@@ -327,6 +347,10 @@ def plot_comparison(records: list[RunRecord], by_round: Path, by_bytes: Path, su
             ax.axhline(100 * target, color="red", ls="--", lw=0.8, label=f"target {100 * target:g}%")
         if column == "bytes_cumulative":
             ax.set_xscale("log")
+        else:
+            from matplotlib.ticker import MaxNLocator
+
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel(xlabel)
         ax.set_ylabel("personalised test accuracy, mean over clients (%)")
         ax.set_title(title, fontsize=7)

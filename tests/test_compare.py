@@ -42,6 +42,12 @@ def test_compare_runs_every_method_and_seed_and_writes_table_and_plots(compariso
         assert float(row["bytes_per_round"]) == pytest.approx(
             statistics.mean((s["bytes_up_total"] + s["bytes_down_total"]) / 2 for s in summaries))
         assert row["seeds"] == "2"
+    assert list(rows) == ["pfedlora", "standalone"]
+    finals = {(m, s): json.loads((out / "runs" / f"{m}-seed{s}" / "summary.json").read_text())["final"]["acc_mean"]
+              for m in rows for s in (0, 1)}
+    paired = [finals["standalone", s] - finals["pfedlora", s] for s in (0, 1)]
+    assert float(rows["standalone"]["final_minus_pfedlora_mean"]) == pytest.approx(statistics.mean(paired))
+    assert float(rows["standalone"]["final_minus_pfedlora_std"]) == pytest.approx(statistics.stdev(paired))
     assert float(rows["standalone"]["bytes_per_round"]) == 0
     # 4 clients x (8 x 500 + 4 x 8) float32 adapter parameters, up and down
     assert float(rows["pfedlora"]["bytes_per_round"]) == 2 * 4 * 4 * (8 * 500 + 4 * 8)
