@@ -120,7 +120,7 @@ def train(
             summary = run_mod.train(cfg, target, hw, ProgressCallbacks(progress, cfg.rounds), source)
     except PflUserError as exc:
         _fail(str(exc))
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):  # Lightning turns an interrupt inside fit into exit(1)
         err_console.print("interrupted: nothing was written")
         raise typer.Exit(code=130) from None
     _print_run(Path(target).expanduser().absolute(), summary)
@@ -264,7 +264,7 @@ def compare(
         written = cmp.write_outputs(out.expanduser().absolute(), records, rows)
     except PflUserError as exc:
         _fail(str(exc))
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):  # Lightning turns an interrupt inside fit into exit(1)
         err_console.print("interrupted: finished runs are kept and will be reused; the unfinished one was removed")
         raise typer.Exit(code=130) from None
     table = Table(title="comparison", caption=cmp.describe(records))
