@@ -37,6 +37,19 @@ def _fail(message: str) -> None:
     raise typer.Exit(code=2)
 
 
+def _run_failed(exc: Exception) -> None:
+    """A run that could not go on (not the user's input): one line, exit code 1, nothing written."""
+    err_console.print(f"run failed: {exc}; nothing was written", markup=False, highlight=False, soft_wrap=True)
+    raise typer.Exit(code=1)
+
+
+def _engine_text(cfg) -> str:
+    if cfg.engine == "local":
+        return "local engine"
+    return (f"Flower simulation ({cfg['flower.num_supernodes'] or cfg.num_clients} SuperNodes, "
+            f"{cfg['flower.client_cpus']:g} CPU + {cfg['flower.client_gpus']:g} GPU per client)")
+
+
 def _parse_devices(text: str) -> Any:
     text = text.strip()
     if text.isdigit():
@@ -101,25 +114,29 @@ def train(
     precision: str = typer.Option("32-true", "--precision", help="32-true, bf16-mixed, 16-mixed (GPU), ..."),
     accelerator: str = typer.Option("cpu", "--accelerator", help="cpu, gpu, cuda, mps, auto"),
     devices: str = typer.Option("1", "--devices", help="1, or one device index such as [1]"),
+    engine: Optional[str] = typer.Option(None, "--engine", help="local (in this process) or flower (Flower "
+                                         "simulation with Ray); overrides the recipe's `engine`"),
 ) -> None:
     """Run a recipe and write a run directory (config, metrics.csv, summary.json, plot, final state)."""
     _interrupt_on_sigterm()
     from pfl import config
-    from pfl.errors import PflUserError
+    from pfl.errors import PflUserError, RunFailed
     from pfl import run as run_mod
 
     try:
-        cfg, source = config.load(recipe, set_ or [], seed)
+        cfg, source = config.load(recipe, (set_ or []) + ([f"engine={engine}"] if engine else []), seed)
         target = out or Path("runs") / f"{cfg.name}-{cfg.method}-{datetime.now():%Y%m%d-%H%M%S}"
         run_mod.prepare_output(target)
         hw = run_mod.Hardware(accelerator, _parse_devices(devices), precision)
         console.print(f"[bold]pfl train[/] {cfg.method} on {cfg.dataset}: N={cfg.num_clients}, "
                       f"C={cfg.participation}, T={cfg.rounds}, {cfg.partition} partition, {cfg.model_setting} "
-                      f"models, seed {cfg.seed} -> {target}")
+                      f"models, seed {cfg.seed}, {_engine_text(cfg)} -> {target}")
         with _progress() as progress:
             summary = run_mod.train(cfg, target, hw, ProgressCallbacks(progress, cfg.rounds), source)
     except PflUserError as exc:
         _fail(str(exc))
+    except RunFailed as exc:
+        _run_failed(exc)
     except (KeyboardInterrupt, SystemExit):  # Lightning turns an interrupt inside fit into exit(1)
         err_console.print("interrupted: nothing was written")
         raise typer.Exit(code=130) from None
@@ -159,6 +176,53 @@ def _print_run(run_dir: Path, summary: dict[str, Any]) -> None:
                    f"training per round")
     totals.add_row("run directory", str(run_dir))
     console.print(totals)
+
+
+@app.command()
+def deploy(
+    recipe: str = typer.Option(..., "--recipe", "-r", help="bundled recipe name or a .toml path"),
+    set_: Optional[List[str]] = typer.Option(None, "--set", "-s", help="override a recipe key: key=value"),
+    supernodes: int = typer.Option(3, "--supernodes", "-n", help="SuperNodes to start; node p serves the "
+                                   "clients k with k mod SUPERNODES = p"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="run directory to create (must not exist)"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="overrides the recipe's seed"),
+    precision: str = typer.Option("32-true", "--precision", help="clients' Lightning precision"),
+    accelerator: str = typer.Option("cpu", "--accelerator", help="clients' accelerator: cpu or gpu"),
+) -> None:
+    """Run a recipe on a real Flower deployment on this machine: a SuperLink, SUPERNODES SuperNodes and
+    `flwr run` of pfl's Flower app, each its own process over loopback; all of them stopped at the end."""
+    _interrupt_on_sigterm()
+    from pfl import config
+    from pfl.errors import PflUserError, RunFailed
+    from pfl import run as run_mod
+
+    try:
+        cfg, source = config.load(recipe, (set_ or []) + ["engine=flower"], seed)
+        if supernodes < 1:
+            raise PflUserError(f"--supernodes: must be >= 1, got {supernodes}")
+        target = out or Path("runs") / f"{cfg.name}-{cfg.method}-deploy-{datetime.now():%Y%m%d-%H%M%S}"
+        run_mod.prepare_output(target)
+        run_mod.check_engine(cfg, run_mod.Hardware(accelerator, 1, precision), simulated=False)
+        if supernodes > cfg.num_clients:
+            raise PflUserError(f"--supernodes: must be <= num_clients ({cfg.num_clients}), got {supernodes}")
+        from pfl.flower.deploy import deploy as deploy_run
+
+        console.print(f"[bold]pfl deploy[/] {cfg.method} on {cfg.dataset}: N={cfg.num_clients}, T={cfg.rounds}, "
+                      f"seed {cfg.seed}; a SuperLink and {supernodes} SuperNodes on 127.0.0.1 -> {target}")
+
+        def show(line: str) -> None:
+            if "pfl:" in line or "ERROR" in line or "dropped" in line:
+                console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+        run_dir = deploy_run(cfg, Path(target), supernodes, accelerator, precision, on_line=show)
+    except PflUserError as exc:
+        _fail(str(exc))
+    except RunFailed as exc:
+        _run_failed(exc)
+    except (KeyboardInterrupt, SystemExit):
+        err_console.print("interrupted: every Flower process was stopped; nothing was written")
+        raise typer.Exit(code=130) from None
+    _print_run(run_dir, json.loads((run_dir / "summary.json").read_text()))
 
 
 @app.command("eval")

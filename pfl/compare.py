@@ -32,7 +32,9 @@ from pfl.errors import ConfigError, RunDirError
 
 REFERENCE = "pfedlora"
 # Keys that may differ between the runs of one comparison; every other key is the protocol and must match.
-_FREE_KEYS = {"method", "seed", "name", "description", "data_dir", "download", "store"}
+# Keys that do not change what a run computes (where it runs, what it is called); engine settings included:
+# a Flower run of a recipe computes what a local run does.
+_FREE_KEYS = {"method", "seed", "name", "description", "data_dir", "download", "store", "engine"}
 
 
 @dataclass
@@ -140,7 +142,7 @@ def _protocol(cfg: Config) -> dict[str, Any]:
     from pfl.algorithms import ALGORITHMS
 
     return {k: v for k, v in cfg.as_flat().items()
-            if k not in _FREE_KEYS and k.split(".")[0] not in ALGORITHMS}
+            if k not in _FREE_KEYS and k.split(".")[0] not in (*ALGORITHMS, "flower")}
 
 
 def check_comparable(records: list[RunRecord]) -> None:
@@ -289,7 +291,7 @@ def write_outputs(out: Path, records: list[RunRecord], rows: list[dict[str, Any]
     for r in rows:
         lines.append(",".join("" if isinstance(r[c], float) and math.isnan(r[c]) else str(r[c]) for c in columns))
     _atomic_write(out / "comparison.csv", "\n".join(lines) + "\n")
-    md = [f"# Comparison\n", describe(records) + "\n",
+    md = ["# Comparison\n", describe(records) + "\n",
           f"Accuracy: mean ± std over seeds (sample std); `final - {REFERENCE}`: per-seed difference in "
           f"points, mean ± std over the seeds both ran (count in brackets). Ratios in brackets: method / {REFERENCE} (above 1: "
           f"{REFERENCE} needed less). Costs are measured: "

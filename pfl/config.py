@@ -134,7 +134,20 @@ SCHEMA: dict[str, Field] = {
     "method": Field("str", "pfedlora", "the federated method"),
     "target_accuracy": Field("float", 0.0, "mean accuracy at which the to-target costs (rounds, bytes, FLOPs) "
                              "are read; 0: none", low=0.0, high=1.0),
-    "store": Field("str", "memory", "where client states live between rounds", choices=("memory", "disk")),
+    "store": Field("str", "memory", "where client states live between rounds (the flower engine always uses "
+                   "disk)", choices=("memory", "disk")),
+    "engine": Field("str", "local", "what runs the rounds: in this process, or Flower (simulation with Ray, or a "
+                    "deployment started by `pfl deploy`)", choices=("local", "flower")),
+    "min_clients": Field("int", 1, "fewest usable client updates a round needs; below it the run stops", low=1),
+    "flower.num_supernodes": Field("int", 0, "Flower simulation: SuperNodes (node p serves the clients k with "
+                                   "k mod nodes = p); 0: one per client", low=0),
+    "flower.client_cpus": Field("float", 1.0, "Flower simulation: CPU cores reserved per client (Ray resources)",
+                                low=0.0, low_open=True),
+    "flower.client_gpus": Field("float", 0.0, "Flower simulation: share of a GPU per client, e.g. 0.25 for four "
+                                "clients per GPU (Ray resources)", low=0.0),
+    "flower.round_timeout": Field("float", 600.0, "Flower: seconds the server waits for a round's replies; a "
+                                  "client that has not answered by then is dropped from that round",
+                                  low=0.0, low_open=True),
     "synthetic.num_samples": Field("int", 2000, "synthetic data: samples in all", low=10),
     "synthetic.num_classes": Field("int", 10, "synthetic data: classes", low=2, high=1000),
     "synthetic.image_shape": Field("list[int]", [1, 16, 16], "synthetic data: [channels, size, size]",
@@ -288,6 +301,13 @@ def _cross_checks(cfg: Config) -> None:
     if cfg.partition == "pathological" and cfg.classes_per_client > cfg.num_classes:
         raise ConfigError(f"recipe key 'classes_per_client': must be <= the {cfg.num_classes} classes "
                           f"of {cfg.dataset}, got {cfg.classes_per_client}")
+    sampled = max(1, int(math.floor(cfg.participation * cfg.num_clients + 0.5)))
+    if cfg.min_clients > sampled:
+        raise ConfigError(f"recipe key 'min_clients': must be <= the {sampled} clients sampled per round "
+                          f"(participation x num_clients), got {cfg.min_clients}")
+    if cfg["flower.num_supernodes"] > cfg.num_clients:
+        raise ConfigError(f"recipe key 'flower.num_supernodes': must be <= num_clients ({cfg.num_clients}), "
+                          f"got {cfg['flower.num_supernodes']}")
     ALGORITHMS[cfg.method].check_config(cfg)
 
 
@@ -298,3 +318,8 @@ def load(recipe: str, overrides: list[str] | None = None, seed: int | None = Non
     if seed is not None:
         parsed["seed"] = seed
     return resolve(raw, parsed), source
+
+
+def from_toml(text: str) -> Config:
+    """A resolved config from TOML text (what a run directory's config.toml or a Flower message holds)."""
+    return resolve(_flatten(tomllib.loads(text)))

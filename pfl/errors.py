@@ -15,3 +15,7 @@ class DataError(PflUserError):
 
 class RunDirError(PflUserError):
     """A run directory that is missing, incomplete or not writable."""
+
+
+class RunFailed(Exception):
+    """A run that cannot go on (too few usable client updates in a round). The CLI prints one line, exit 1."""

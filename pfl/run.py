@@ -106,23 +106,63 @@ def prepare_output(out: Path) -> Path:
     return out.parent / f".{out.name}.partial-{os.getpid()}"
 
 
+def check_engine(cfg: Config, hw: Hardware, simulated: bool) -> None:
+    """Problems with the flower engine that are the user's to fix, before any data or output."""
+    if cfg.engine != "flower":
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("flwr") is None or importlib.util.find_spec("ray") is None:
+        raise PflUserError("--engine flower: Flower is not installed; install the extra: pip install '.[flower]' "
+                           "(flwr[simulation])")
+    if hw.devices not in (1, "1", "auto") and not (isinstance(hw.devices, list) and len(hw.devices) == 1):
+        raise PflUserError(f"--devices: the flower engine places clients on GPUs itself; share GPUs with "
+                           f"--set flower.client_gpus=0.25 (four clients per GPU), got --devices {hw.devices}")
+    if simulated and cfg["flower.client_gpus"] > 0 and not torch.cuda.is_available():
+        raise PflUserError(f"recipe key 'flower.client_gpus': this machine has no CUDA GPU, so it must be 0, "
+                           f"got {cfg['flower.client_gpus']}")
+    if simulated and cfg["flower.client_gpus"] > 0 and hw.accelerator not in ("gpu", "cuda", "auto"):
+        raise PflUserError("--accelerator: flower.client_gpus > 0 reserves GPUs for clients; use --accelerator gpu")
+
+
 def train(cfg: Config, out: Path, hw: Hardware, callbacks: Callbacks | None = None,
-          recipe_source: str = "") -> dict[str, Any]:
-    """Run the recipe and write the run directory `out`. Returns the summary."""
+          recipe_source: str = "", grid=None, expected_nodes: int = 0) -> dict[str, Any]:
+    """Run the recipe and write the run directory `out`. Returns the summary.
+
+    `cfg.engine` picks the engine: `local` runs every client in this process; `flower` runs them through
+    Flower, in a simulation (Ray) started here, or, when `grid` is given (a deployed ServerApp), on the
+    SuperNodes connected to that grid (`expected_nodes` of them)."""
     out = out.expanduser().absolute()
     staging = prepare_output(out)
-    trainer = check_hardware(hw, cfg.grad_clip)
+    check_engine(cfg, hw, simulated=grid is None)
+    trainer = check_hardware(hw, cfg.grad_clip) if cfg.engine == "local" or grid is None else None
     setup = build(cfg)  # data problems surface here, before anything is written
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir(parents=True)  # metrics.csv there is updated every round; renamed to `out` at the end
+    state_dir = staging / "state" / "clients"
     try:
-        store = DiskStore(staging / "state" / "clients") if cfg.store == "disk" else MemoryStore()
-        run = FederatedRun(cfg, setup.clients, setup.architectures, setup.algorithm, store, ClientRunner(trainer))
+        if cfg.engine == "flower":
+            # Clients keep their private state on their node's disk; on one machine that is the run directory.
+            state_dir.mkdir(parents=True)
+            run = FederatedRun(cfg, setup.clients, setup.architectures, setup.algorithm)
+        else:
+            store = DiskStore(state_dir) if cfg.store == "disk" else MemoryStore()
+            run = FederatedRun(cfg, setup.clients, setup.architectures, setup.algorithm, store, ClientRunner(trainer))
         run.callbacks = CallbackList(_MetricsFlusher(staging, run), callbacks)
         started = time.perf_counter()
-        run.initialise()
-        state = run.run()
+        if cfg.engine == "flower" and grid is None:
+            from pfl.flower.app import simulate
+
+            state = simulate(run, str(state_dir), _client_accelerator(trainer), hw.precision)
+        else:
+            if cfg.engine == "flower":
+                from pfl.flower.app import FlowerWorkers
+
+                run.workers = FlowerWorkers(grid, cfg, setup.clients, str(state_dir), hw.accelerator, hw.precision,
+                                            expected_nodes)
+            run.initialise()
+            state = run.run()
         wall = time.perf_counter() - started
         summary = _write_run(staging, setup, run, state, wall, hw, recipe_source)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -133,6 +173,11 @@ def train(cfg: Config, out: Path, hw: Hardware, callbacks: Callbacks | None = No
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return summary
+
+
+def _client_accelerator(trainer) -> str:
+    """The accelerator clients use: what the run's Trainer resolved to ('auto' becomes a concrete one)."""
+    return "gpu" if type(trainer.accelerator).__name__ == "CUDAAccelerator" else "cpu"
 
 
 class _MetricsFlusher(Callbacks):
@@ -166,7 +211,7 @@ def _write_run(root: Path, setup: Setup, run: FederatedRun, state, wall: float, 
     (root / "state" / "clients").mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in state.global_state.items()} or {"_empty": torch.zeros(0)},
               str(root / "state" / "global.safetensors"))
-    if cfg.store == "memory":
+    if run.worker is not None and cfg.store == "memory":
         for k in range(len(setup.clients)):
             save_file(run.store.get(k), str(root / "state" / "clients" / f"client_{k:05d}.safetensors"))
     evaluated = [r for r in state.history if not math.isnan(r["acc_mean"])]
@@ -190,12 +235,22 @@ def _write_run(root: Path, setup: Setup, run: FederatedRun, state, wall: float, 
         "wall_seconds": round(wall, 3),
         "train_seconds_per_round": round(sum(r["train_seconds"] for r in state.history) / len(state.history), 4),
         "hardware": {"accelerator": hw.accelerator, "devices": str(hw.devices), "precision": hw.precision},
+        "engine": _engine_summary(cfg),
+        "clients_dropped_total": sum(r["clients_dropped"] for r in state.history),
         "versions": _versions(),
     }
     (root / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     plot_accuracy(state.history, root / "accuracy.png", title=f"{cfg.method} on {cfg.dataset} "
                   f"(N={cfg.num_clients}, C={cfg.participation}, seed {cfg.seed})")
     return summary
+
+
+def _engine_summary(cfg: Config) -> dict[str, Any]:
+    if cfg.engine != "flower":
+        return {"name": "local"}
+    return {"name": "flower", "supernodes": cfg["flower.num_supernodes"] or cfg.num_clients,
+            "client_cpus": cfg["flower.client_cpus"], "client_gpus": cfg["flower.client_gpus"],
+            "round_timeout": cfg["flower.round_timeout"], "min_clients": cfg.min_clients}
 
 
 def write_metrics_csv(path: Path, history: list[dict[str, Any]]) -> None:

@@ -273,3 +273,60 @@ class Algorithm:
 
     def aggregate(self, global_state: Tensors, uploads: list[Upload]) -> Tensors:
         raise NotImplementedError
+
+    def upload_template(self, global_state: Tensors) -> Tensors | None:
+        """Tensors whose names, shapes and dtypes a client's update must match exactly; None where the
+        update's structure varies (prototypes, compressed factors) and `upload_problem` checks it."""
+        return None
+
+    def upload_problem(self, upload: Upload, global_state: Tensors) -> str | None:
+        """Why an update must not be aggregated (no samples, non-finite, mis-shaped), or None. The round
+        loop calls this for every update on every engine; nothing rejected reaches `aggregate`."""
+        if upload.num_samples < 1:
+            return f"it reports {upload.num_samples} training samples"
+        for name, t in upload.tensors.items():
+            if not isinstance(t, torch.Tensor):
+                return f"'{name}' is not a tensor"
+            if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
+                return f"'{name}' has non-finite values (NaN or Inf)"
+        template = self.upload_template(global_state)
+        if template is None:
+            return None
+        return structure_problem(upload.tensors, template)
+
+
+def structure_problem(tensors: Tensors, template: Tensors) -> str | None:
+    """Names, shapes and dtypes of `tensors` against `template`: the first difference, or None."""
+    missing = sorted(set(template) - set(tensors))
+    extra = sorted(set(tensors) - set(template))
+    if missing or extra:
+        return f"tensor names differ (missing {missing[:3]}, unexpected {extra[:3]})"
+    for name, ref in template.items():
+        t = tensors[name]
+        if t.shape != ref.shape:
+            return f"'{name}' has shape {list(t.shape)}, expected {list(ref.shape)}"
+        if t.dtype != ref.dtype:
+            return f"'{name}' has dtype {t.dtype}, expected {ref.dtype}"
+    return None
+
+
+def prototype_problem(tensors: Tensors, num_classes: int, dim: int, with_counts: bool) -> str | None:
+    """Structure of a prototype update (FedProto, FedGH): labels [m] distinct in [0, C), protos [m, d],
+    and counts [m] >= 1 where the method sends them."""
+    names = {"labels", "protos"} | ({"counts"} if with_counts else set())
+    template = {n: tensors[n] for n in names if n in tensors}
+    if set(tensors) != names:
+        return f"tensor names must be {sorted(names)}, got {sorted(tensors)}"
+    labels, protos = template["labels"], template["protos"]
+    if labels.dtype != torch.int64 or labels.ndim != 1:
+        return "'labels' must be a 1-d int64 tensor"
+    m = len(labels)
+    if m and (int(labels.min()) < 0 or int(labels.max()) >= num_classes or len(labels.unique()) != m):
+        return f"'labels' must be distinct classes in [0, {num_classes})"
+    if protos.shape != (m, dim) or not protos.is_floating_point():
+        return f"'protos' has shape {list(protos.shape)}, expected [{m}, {dim}] floats"
+    if with_counts:
+        counts = template["counts"]
+        if counts.shape != (m,) or counts.dtype != torch.int64 or (m and int(counts.min()) < 1):
+            return "'counts' must be one int64 count >= 1 per label"
+    return None

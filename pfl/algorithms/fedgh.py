@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pfl.algorithms.base import (Algorithm, LocalClient, Tensors, Upload, class_prototypes, cpu_clone, prefixed,
-                                 unprefixed)
+                                 prototype_problem, unprefixed)
 from pfl.config import Field
 
 
@@ -58,3 +58,7 @@ class FedGH(Algorithm):
                 F.cross_entropy(head(protos), labels).backward()
                 optimiser.step()
         return cpu_clone(prefixed("head", head.state_dict()))
+
+    def upload_problem(self, upload: Upload, global_state: Tensors) -> str | None:
+        return super().upload_problem(upload, global_state) or prototype_problem(
+            upload.tensors, self.spec.num_classes, self.spec.representation_dim, with_counts=False)

@@ -165,3 +165,30 @@ class FedKD(Algorithm):
         return {**prefixed("mentee", {k: mentee[k] + applied[k] for k in mentee}), **prefixed("update", update),
                 "version": torch.tensor(version + 1), "client_version": client_version,
                 "energy": torch.tensor(energy_at(self.settings, version + 2, self.cfg.rounds))}
+
+    def upload_problem(self, upload: Upload, global_state: Tensors) -> str | None:
+        """Every tensor is an `update.` factor, and the factors rebuild exactly the mentee's shapes."""
+        problem = super().upload_problem(upload, global_state)
+        if problem:
+            return problem
+        if any(not k.startswith("update.") for k in upload.tensors):
+            return "tensor names must all start with 'update.'"
+        mentee = unprefixed("mentee", global_state)
+        factors = unprefixed("update", upload.tensors)
+        expected = set()
+        for name, ref in mentee.items():
+            if name in factors:
+                expected.add(name)
+                if factors[name].shape != ref.shape:
+                    return f"'update.{name}' has shape {list(factors[name].shape)}, expected {list(ref.shape)}"
+                continue
+            us, vh = factors.get(name + ".us"), factors.get(name + ".vh")
+            if us is None or vh is None:
+                return f"no update for '{name}'"
+            expected |= {name + ".us", name + ".vh"}
+            m, n = ref.shape[0], ref.numel() // ref.shape[0]
+            if us.ndim != 2 or vh.ndim != 2 or us.shape[0] != m or vh.shape[1] != n or us.shape[1] != vh.shape[0]:
+                return f"factors of '{name}' have shapes {list(us.shape)} and {list(vh.shape)}, expected [{m}, k] and [k, {n}]"
+        if set(factors) != expected:
+            return f"unexpected tensors {sorted(set(factors) - expected)[:3]}"
+        return None

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pfl.algorithms.base import Algorithm, LocalClient, Tensors, Upload, class_prototypes
+from pfl.algorithms.base import Algorithm, LocalClient, Tensors, Upload, class_prototypes, prototype_problem
 from pfl.config import Field
 
 
@@ -72,3 +72,7 @@ class FedProto(Algorithm):
         have |= sent
         labels = torch.nonzero(have).flatten()
         return {"labels": labels, "protos": protos[labels].float()}
+
+    def upload_problem(self, upload: Upload, global_state: Tensors) -> str | None:
+        return super().upload_problem(upload, global_state) or prototype_problem(
+            upload.tensors, self.spec.num_classes, self.spec.representation_dim, with_counts=True)

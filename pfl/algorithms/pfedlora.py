@@ -153,3 +153,7 @@ class PFedLoRA(Algorithm):
 
     def aggregate(self, global_state: Tensors, uploads: list[Upload]) -> Tensors:
         return weighted_mean(uploads)
+
+
+    def upload_template(self, global_state: Tensors) -> Tensors:
+        return global_state

@@ -21,3 +21,6 @@ class Standalone(Algorithm):
 
     def aggregate(self, global_state: Tensors, uploads: list[Upload]) -> Tensors:
         return {}
+
+    def upload_template(self, global_state: Tensors) -> Tensors:
+        return {}

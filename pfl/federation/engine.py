@@ -24,9 +24,11 @@ from pfl.algorithms.base import Algorithm, ClientModule, Tensors, Upload, payloa
 from pfl.config import Config
 from pfl.data.batches import TensorBatches
 from pfl.data.partition import ClientData
-from pfl.errors import PflUserError
+from pfl.errors import PflUserError, RunFailed
 from pfl.federation.costs import FlopMeter, count_flops
 from pfl.federation.seeding import derive_seed
+
+log = logging.getLogger("pfl")
 
 EVAL_BATCH_SIZE = 512
 DIAGNOSTIC_SAMPLES = 256  # training samples per client on which a method's diagnostics are measured
@@ -183,13 +185,106 @@ def summarise_accuracies(accs: list[float], weights: list[int]) -> dict[str, flo
 
 @dataclass
 class ClientResult:
-    """What one client's round produced: what it received and sent, its phase losses and diagnostics."""
+    """What one client's round produced: its upload, its phase losses and diagnostics, and the FLOPs of
+    receiving the download, training and computing the upload."""
 
-    download: Tensors
     upload: Upload
     losses: dict[str, float]
     diagnostics: dict[str, float]
-    flops: int  # training steps, plus whatever receiving the download and computing the upload took
+    flops: int
+
+
+def seeded_initial_global(algorithm: Algorithm, seed: int) -> Tensors:
+    """The server's state before round 1; the same wherever it is computed (server or a client)."""
+    torch.manual_seed(derive_seed(seed, "server-init"))
+    return algorithm.initial_global()
+
+
+class ClientWorker:
+    """The client side of the protocol, wherever it runs: the local engine calls it in-process, a Flower
+    ClientApp calls it inside a SuperNode. It holds the clients' data, the store of their private states,
+    one cached module per architecture and the runner; nothing in it depends on the engine."""
+
+    def __init__(self, cfg: Config, clients: list[ClientData], architectures: list[str], algorithm: Algorithm,
+                 store, runner: ClientRunner):
+        self.cfg = cfg
+        self.clients = clients
+        self.architectures = architectures
+        self.algorithm = algorithm
+        self.store = store
+        self.runner = runner
+        self._modules: dict[str, ClientModule] = {}
+
+    def initialise(self, client_id: int, initial_global: Tensors) -> None:
+        """Client `client_id`'s seeded initial private state, put in the store."""
+        torch.manual_seed(derive_seed(self.cfg.seed, "client-init", client_id))
+        module = self.algorithm.make_client(self.architectures[client_id])
+        module.receive(self.algorithm.download(initial_global, client_id))
+        self.store.put(client_id, module.private_state())
+
+    def ensure_initialised(self, client_id: int) -> None:
+        """Initialise a client on first contact (a Flower node), exactly as the local engine does up front."""
+        if client_id not in self.store:
+            self.initialise(client_id, seeded_initial_global(self.algorithm, self.cfg.seed))
+
+    def module_for(self, client_id: int) -> ClientModule:
+        """The cached module of the client's architecture, loaded with the client's private state."""
+        arch = self.architectures[client_id]
+        if arch not in self._modules:
+            self._modules[arch] = self.algorithm.make_client(arch)
+        module = self._modules[arch]
+        module.load_private_state(self.store.get(client_id))
+        return module
+
+    def train(self, round_idx: int, client_id: int, download: Tensors) -> ClientResult:
+        """One client's part of a round: load its state, receive, train every phase, measure, upload, and
+        put its new private state back in the store."""
+        data = self.clients[client_id]
+        module = self.module_for(client_id)
+        with count_flops() as receive_flops:
+            module.receive(download)
+        losses, flops = self.runner.fit_phases(module, data, self.cfg.batch_size,
+                                               derive_seed(self.cfg.seed, "fit", round_idx, client_id),
+                                               self.architectures[client_id])
+        module.to(self.runner.device)  # diagnostics and uploads that compute (prototypes) run where training did
+        diagnostics = module.diagnostics(data.x_train[:DIAGNOSTIC_SAMPLES], data.y_train[:DIAGNOSTIC_SAMPLES])
+        with count_flops() as upload_flops:
+            tensors = module.upload(data.x_train, data.y_train)
+        self.store.put(client_id, module.private_state())
+        return ClientResult(Upload(client_id, data.num_train, tensors), losses, diagnostics,
+                            receive_flops() + flops + upload_flops())
+
+    def evaluate(self, client_id: int, download: Tensors) -> float:
+        """Personalised accuracy of one client on its own test set (the store is not modified)."""
+        data = self.clients[client_id]
+        module = self.module_for(client_id)
+        module.prepare_eval(download)
+        return self.runner.evaluate(module, data.x_test, data.y_test)
+
+
+# What an engine's dispatcher returns per client: a result, or why there is none (crash, timeout, ...).
+Outcome = ClientResult | str
+
+
+class LocalWorkers:
+    """The `local` engine's dispatcher: every client in this process, one after another."""
+
+    def __init__(self, worker: ClientWorker):
+        self.worker = worker
+
+    def start(self, initial_global: Tensors) -> None:
+        for k in range(len(self.worker.clients)):
+            self.worker.initialise(k, initial_global)
+
+    def train(self, round_idx: int, downloads: dict[int, Tensors], on_done) -> dict[int, Outcome]:
+        outcomes = {}
+        for k, download in downloads.items():
+            outcomes[k] = self.worker.train(round_idx, k, download)
+            on_done(k)
+        return outcomes
+
+    def evaluate(self, downloads: dict[int, Tensors]) -> dict[int, float]:
+        return {k: self.worker.evaluate(k, d) for k, d in downloads.items()}
 
 
 @dataclass
@@ -203,37 +298,34 @@ class RunState:
 
 
 class FederatedRun:
+    """The round loop, the same for every engine: sample, dispatch (`workers`), check every update, let
+    the method aggregate the accepted ones, account costs, evaluate. `workers` is the engine: in-process
+    (`LocalWorkers`, the default) or Flower messages (`pfl.flower.FlowerWorkers`)."""
+
     def __init__(self, cfg: Config, clients: list[ClientData], architectures: list[str], algorithm: Algorithm,
-                 store, runner: ClientRunner, callbacks: Callbacks | None = None):
+                 store=None, runner: ClientRunner | None = None, callbacks: Callbacks | None = None,
+                 workers=None):
         self.cfg = cfg
         self.clients = clients
         self.architectures = architectures
         self.algorithm = algorithm
-        self.store = store
-        self.runner = runner
+        self.worker = ClientWorker(cfg, clients, architectures, algorithm, store, runner) if runner else None
+        self.workers = workers if workers is not None else (LocalWorkers(self.worker) if self.worker else None)
         self.callbacks = callbacks or Callbacks()
-        self._modules: dict[str, ClientModule] = {}
         self.state = RunState(global_state={})
+
+    @property
+    def store(self):
+        return self.worker.store
+
+    def module_for(self, client_id: int) -> ClientModule:
+        return self.worker.module_for(client_id)
 
     # -- set-up -----------------------------------------------------------------------------
     def initialise(self) -> None:
-        """Seeded initial server state and every client's initial private state (into the store)."""
-        torch.manual_seed(derive_seed(self.cfg.seed, "server-init"))
-        self.state = RunState(global_state=self.algorithm.initial_global())
-        for k, arch in enumerate(self.architectures):
-            torch.manual_seed(derive_seed(self.cfg.seed, "client-init", k))
-            module = self.algorithm.make_client(arch)
-            module.receive(self.algorithm.download(self.state.global_state, k))
-            self.store.put(k, module.private_state())
-
-    def module_for(self, client_id: int) -> ClientModule:
-        """The cached module of the client's architecture, loaded with the client's private state."""
-        arch = self.architectures[client_id]
-        if arch not in self._modules:
-            self._modules[arch] = self.algorithm.make_client(arch)
-        module = self._modules[arch]
-        module.load_private_state(self.store.get(client_id))
-        return module
+        """Seeded initial server state; the engine initialises every client's private state from it."""
+        self.state = RunState(global_state=seeded_initial_global(self.algorithm, self.cfg.seed))
+        self.workers.start(self.state.global_state)
 
     # -- rounds -----------------------------------------------------------------------------
     def run(self) -> RunState:
@@ -241,53 +333,62 @@ class FederatedRun:
             self.run_round()
         return self.state
 
-    def train_client(self, round_idx: int, client_id: int) -> ClientResult:
-        """One client's part of a round: load its state, receive, train every phase, measure, upload, and
-        put its new private state back in the store. (A Flower ClientApp needs exactly this.)"""
-        data = self.clients[client_id]
-        module = self.module_for(client_id)
-        download = self.algorithm.download(self.state.global_state, client_id)
-        with count_flops() as receive_flops:
-            module.receive(download)
-        losses, flops = self.runner.fit_phases(module, data, self.cfg.batch_size,
-                                               derive_seed(self.cfg.seed, "fit", round_idx, client_id),
-                                               self.architectures[client_id])
-        module.to(self.runner.device)  # diagnostics and uploads that compute (prototypes) run where training did
-        diagnostics = module.diagnostics(data.x_train[:DIAGNOSTIC_SAMPLES], data.y_train[:DIAGNOSTIC_SAMPLES])
-        with count_flops() as upload_flops:
-            tensors = module.upload(data.x_train, data.y_train)
-        upload = Upload(client_id, data.num_train, tensors)
-        self.store.put(client_id, module.private_state())
-        return ClientResult(download, upload, losses, diagnostics, receive_flops() + flops + upload_flops())
+    def _accept(self, t: int, sampled: list[int], outcomes: dict[int, Outcome]) -> list[ClientResult]:
+        """The results whose update may be aggregated; every other sampled client is logged with why."""
+        accepted, dropped = [], {}
+        for k in sampled:
+            outcome = outcomes.get(k, "no answer")
+            if isinstance(outcome, str):
+                dropped[k] = outcome
+                continue
+            problem = self.algorithm.upload_problem(outcome.upload, self.state.global_state)
+            if problem:
+                dropped[k] = f"update rejected: {problem}"
+            else:
+                accepted.append(outcome)
+        for k, why in dropped.items():
+            log.warning("round %d: client %d dropped from the aggregate: %s", t, k, why)
+        if len(accepted) < self.cfg.min_clients:
+            reasons = "; ".join(f"client {k}: {why}" for k, why in dropped.items())
+            raise RunFailed(f"round {t}: {len(accepted)} of {len(sampled)} sampled clients returned a usable "
+                            f"update, fewer than min_clients={self.cfg.min_clients} ({reasons})")
+        return accepted
 
     def run_round(self) -> dict[str, Any]:
         t = self.state.round + 1
         started = time.perf_counter()
         sampled = sample_clients(len(self.clients), self.cfg.participation, self.cfg.seed, t)
         self.callbacks.on_round_start(t, sampled)
-        results = []
-        for i, k in enumerate(sampled):
-            results.append(self.train_client(t, k))
-            self.callbacks.on_client_done(t, k, i + 1, len(sampled))
+        downloads = {k: self.algorithm.download(self.state.global_state, k) for k in sampled}
+        done = []
+
+        def on_done(k: int) -> None:
+            done.append(k)
+            self.callbacks.on_client_done(t, k, len(done), len(sampled))
+
+        outcomes = self.workers.train(t, downloads, on_done)
+        received = [o for o in outcomes.values() if not isinstance(o, str)]
+        results = self._accept(t, sampled, outcomes)
         with count_flops() as server_flops:
             self.state.global_state = self.algorithm.aggregate(self.state.global_state,
                                                                [r.upload for r in results])
         train_seconds = time.perf_counter() - started
 
-        record: dict[str, Any] = {"round": t, "clients": len(sampled)}
+        record: dict[str, Any] = {"round": t, "clients": len(sampled), "clients_dropped": len(sampled) - len(results)}
         phase_names = list(results[0].losses)
         record["train_loss"] = _mean(r.losses[phase_names[0]] for r in results) if phase_names else math.nan
         for name in phase_names:
             record[f"loss_{name}"] = _mean(r.losses[name] for r in results)
         for name in results[0].diagnostics:
             record[name] = _mean(r.diagnostics[name] for r in results)
+        # Costs count what travelled and ran: every download sent, every update received (rejected ones too).
         record.update(
-            params_up=sum(payload_params(r.upload.tensors) for r in results),
-            params_down=sum(payload_params(r.download) for r in results),
-            bytes_up=sum(payload_bytes(r.upload.tensors) for r in results),
-            bytes_down=sum(payload_bytes(r.download) for r in results),
+            params_up=sum(payload_params(r.upload.tensors) for r in received),
+            params_down=sum(payload_params(d) for d in downloads.values()),
+            bytes_up=sum(payload_bytes(r.upload.tensors) for r in received),
+            bytes_down=sum(payload_bytes(d) for d in downloads.values()),
         )
-        record.update(flops_client=sum(r.flops for r in results), flops_server=server_flops())
+        record.update(flops_client=sum(r.flops for r in received), flops_server=server_flops())
         previous = self.state.history[-1] if self.state.history else {"bytes_cumulative": 0, "flops_cumulative": 0}
         record["bytes_cumulative"] = previous["bytes_cumulative"] + record["bytes_up"] + record["bytes_down"]
         record["flops_cumulative"] = previous["flops_cumulative"] + record["flops_client"] + record["flops_server"]
@@ -308,10 +409,7 @@ class FederatedRun:
         return record
 
     def evaluate_all(self) -> list[float]:
-        """Personalised accuracy of every client on its own test set (the store is not modified)."""
-        accs = []
-        for k, data in enumerate(self.clients):
-            module = self.module_for(k)
-            module.prepare_eval(self.algorithm.download(self.state.global_state, k))
-            accs.append(self.runner.evaluate(module, data.x_test, data.y_test))
-        return accs
+        """Personalised accuracy of every client on its own test set; NaN for a client that did not answer."""
+        downloads = {k: self.algorithm.download(self.state.global_state, k) for k in range(len(self.clients))}
+        accs = self.workers.evaluate(downloads)
+        return [accs.get(k, math.nan) for k in range(len(self.clients))]
