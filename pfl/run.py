@@ -126,12 +126,14 @@ def check_engine(cfg: Config, hw: Hardware, simulated: bool) -> None:
 
 
 def train(cfg: Config, out: Path, hw: Hardware, callbacks: Callbacks | None = None,
-          recipe_source: str = "", grid=None, expected_nodes: int = 0) -> dict[str, Any]:
+          recipe_source: str = "", grid=None, expected_nodes: int = 0, client_mods: list | None = None
+          ) -> dict[str, Any]:
     """Run the recipe and write the run directory `out`. Returns the summary.
 
     `cfg.engine` picks the engine: `local` runs every client in this process; `flower` runs them through
     Flower, in a simulation (Ray) started here, or, when `grid` is given (a deployed ServerApp), on the
-    SuperNodes connected to that grid (`expected_nodes` of them)."""
+    SuperNodes connected to that grid (`expected_nodes` of them). `client_mods`: Flower client mods
+    (middleware around pfl's ClientApp, e.g. privacy or fault injection) for a simulation."""
     out = out.expanduser().absolute()
     staging = prepare_output(out)
     check_engine(cfg, hw, simulated=grid is None)
@@ -154,7 +156,7 @@ def train(cfg: Config, out: Path, hw: Hardware, callbacks: Callbacks | None = No
         if cfg.engine == "flower" and grid is None:
             from pfl.flower.app import simulate
 
-            state = simulate(run, str(state_dir), _client_accelerator(trainer), hw.precision)
+            state = simulate(run, str(state_dir), _client_accelerator(trainer), hw.precision, client_mods)
         else:
             if cfg.engine == "flower":
                 from pfl.flower.app import FlowerWorkers

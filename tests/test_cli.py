@@ -28,7 +28,7 @@ def test_train_smoke_end_to_end_and_eval_reproduces_final_accuracy(tmp_path):
     assert summary["rounds"] == 3 and "adapter used at inference: own" in summary["evaluation"]
     assert summary["final"]["acc_mean"] > 0.5  # above chance for 2-class clients... and learnt something
     rows = (out / "metrics.csv").read_text().splitlines()
-    assert len(rows) == 4 and rows[0].startswith("round,clients,train_loss")
+    assert len(rows) == 4 and rows[0].startswith("round,clients,clients_dropped,train_loss")
     assert not list(tmp_path.glob(".*partial*"))
 
     ev = pfl("eval", str(out), "--json")

@@ -29,7 +29,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from pfl.algorithms.base import Tensors, Upload
 from pfl.config import Config
-from pfl.errors import PflUserError, RunFailed
+from pfl.errors import RunFailed
 from pfl.federation.engine import ClientResult, ClientWorker, Outcome
 
 log = logging.getLogger("pfl")
@@ -325,7 +325,8 @@ def quiet_flower() -> None:
         handler.addFilter(_NoDeprecation())
 
 
-def simulate(run, state_dir: str, accelerator: str, precision: str, verbose: bool = False):
+def simulate(run, state_dir: str, accelerator: str, precision: str, client_mods: list | None = None,
+             verbose: bool = False):
     """Run `run` (a FederatedRun) through Flower's simulation runtime (Ray): the ServerApp runs the round
     loop in a thread of this process, ClientApps run in Ray actors with the recipe's resources."""
     quiet_flower()
@@ -344,10 +345,14 @@ def simulate(run, state_dir: str, accelerator: str, precision: str, verbose: boo
     backend_config = {"client_resources": {"num_cpus": cfg["flower.client_cpus"],
                                            "num_gpus": cfg["flower.client_gpus"]},
                       "init_args": {"log_to_driver": verbose, "logging_level": "error" if not verbose else "info"}}
-    if cfg["flower.client_gpus"] > 0 and not torch.cuda.is_available():
-        raise PflUserError("recipe key 'flower.client_gpus': this machine has no CUDA GPU; set it to 0")
-    run_simulation(app, make_client_app(), num_supernodes=num_nodes, backend_config=backend_config,
-                   verbose_logging=verbose)
+    try:
+        run_simulation(app, make_client_app(client_mods), num_supernodes=num_nodes, backend_config=backend_config,
+                       verbose_logging=verbose)
+    finally:  # an interrupt can leave Ray's local cluster (raylet, GCS, actors) running: stop it
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
     if run.state.round < cfg.rounds:
         raise RunFailed(f"the Flower simulation ended after {run.state.round} of {cfg.rounds} rounds")
     return run.state

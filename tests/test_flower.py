@@ -1,0 +1,229 @@
+"""The flower engine with real Flower: a Ray simulation in this process, and a loopback deployment of
+separate SuperLink/SuperNode/ClientApp processes started by `pfl deploy`. Faults are injected with Flower
+client mods (middleware around pfl's ClientApp), so the code under test is the production ClientApp."""
+
+import csv
+import functools
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("flwr", reason="the flower extra is not installed: pip install '.[flower]'")
+
+from flwr.app import ArrayRecord, Message, RecordDict  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+from pfl import config  # noqa: E402
+from pfl.errors import RunFailed  # noqa: E402
+from pfl.flower.app import from_record, to_record  # noqa: E402
+from pfl.flower.deploy import descendants  # noqa: E402
+from pfl.run import Hardware, train  # noqa: E402
+from tests.conftest import SMOKE  # noqa: E402
+
+pytestmark = pytest.mark.flower
+REPO = Path(__file__).resolve().parents[1]
+FLOWER_MARKERS = ("flower-superlink", "flower-supernode", "flower-superexec", "flwr-serverapp", "flwr-clientapp",
+                  "raylet", "gcs_server", "ray::", "ray/_private", "ray/dashboard")
+
+
+def flower_processes() -> list[str]:
+    """Live (non-zombie) processes of Flower or Ray on this machine."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if stat[stat.rfind(")") + 2] == "Z":
+            continue
+        if any(m in cmdline for m in FLOWER_MARKERS):
+            found.append(f"{entry}: {cmdline[:120]}")
+    return found
+
+
+@pytest.fixture(autouse=True)
+def nothing_left_running(monkeypatch):
+    """Every test starts and ends with no Flower or Ray process alive; Ray workers can import the tests'
+    client mods."""
+    monkeypatch.setenv("PYTHONPATH", str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "0")
+    assert flower_processes() == []
+    yield
+    deadline = time.monotonic() + 15
+    while flower_processes() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert flower_processes() == []
+
+
+def _cfg(**overrides):
+    return config.resolve({**SMOKE, "num_clients": 3, "engine": "flower", "flower.client_cpus": 1.0,
+                           **overrides})
+
+
+# ---------------------------------------------------------------- client mods for the tests
+
+def record_mod(directory: str, msg: Message, context, call_next) -> Message:
+    """Saves what each train message brought (the download) and what the server got back (the upload)."""
+    reply = call_next(msg, context)
+    if msg.metadata.message_type == "train":
+        run = msg.content["run"]
+        tag = f"{int(run['round'])}_{int(run['client_id'])}"
+        save_file(from_record(msg.content["download"]), f"{directory}/down_{tag}.safetensors")
+        if not reply.has_error():
+            save_file(from_record(reply.content["upload"]), f"{directory}/up_{tag}.safetensors")
+    return reply
+
+
+def fault_mod(plan: dict, msg: Message, context, call_next) -> Message:
+    """Injects the fault `plan[(round, client)]` into a train message: crash, hang, nan or shape."""
+    if msg.metadata.message_type != "train":
+        return call_next(msg, context)
+    run = msg.content["run"]
+    fault = plan.get((int(run["round"]), int(run["client_id"])))
+    if fault == "crash":
+        raise RuntimeError("injected crash")
+    if fault == "hang":
+        time.sleep(plan["hang_seconds"])
+    reply = call_next(msg, context)
+    if fault in ("nan", "shape"):
+        tensors = from_record(reply.content["upload"])
+        name = sorted(tensors)[0]
+        tensors[name] = torch.full_like(tensors[name], math.nan) if fault == "nan" else tensors[name][:-1]
+        metrics = reply.content["metrics"]
+        reply = Message(RecordDict({"upload": to_record(tensors), "metrics": metrics}), reply_to=msg)
+    return reply
+
+
+def weighted_mean(paths_and_weights):
+    total = sum(w for _, w in paths_and_weights)
+    out = {}
+    for path, w in paths_and_weights:
+        for k, v in load_file(str(path)).items():
+            out[k] = out.get(k, 0) + v.double() * (w / total)
+    return out
+
+
+def read_rows(path: Path) -> list[dict]:
+    return list(csv.DictReader(open(path)))
+
+
+# ---------------------------------------------------------------- simulation
+
+def test_simulation_equals_local_run_bit_for_bit(tmp_path):
+    """3 clients, 2 rounds of pFedLoRA through Flower's simulation (Ray actors, 1 thread each) end exactly
+    where the local engine ends with 1 thread: private states survive between rounds on the nodes."""
+    cfg = _cfg()
+    flower_dir, local_dir = tmp_path / "flower", tmp_path / "local"
+    summary = train(cfg, flower_dir, Hardware())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(config.resolve({**cfg.as_flat(), "engine": "local"}), local_dir, Hardware())
+    finally:
+        torch.set_num_threads(threads)
+    assert summary["engine"]["name"] == "flower" and summary["engine"]["supernodes"] == 3
+    timing = {"train_seconds", "eval_seconds"}
+    flower_rows, local_rows = read_rows(flower_dir / "metrics.csv"), read_rows(local_dir / "metrics.csv")
+    assert len(flower_rows) == 2
+    for f, l in zip(flower_rows, local_rows):
+        assert {k: v for k, v in f.items() if k not in timing} == {k: v for k, v in l.items() if k not in timing}
+    assert read_rows(flower_dir / "per_client.csv") == read_rows(local_dir / "per_client.csv")
+    for k in range(3):
+        name = f"state/clients/client_{k:05d}.safetensors"
+        flower_state, local_state = load_file(str(flower_dir / name)), load_file(str(local_dir / name))
+        assert flower_state.keys() == local_state.keys()
+        assert all(torch.equal(flower_state[n], local_state[n]) for n in flower_state)
+    # pFedLoRA's wire: each client sends and receives A (r x d) and B (C x r) in float32
+    r, d, c = cfg["pfedlora.rank"], cfg.representation_dim, cfg.num_classes
+    assert int(flower_rows[0]["bytes_up"]) == 3 * 4 * (r * d + c * r) == int(flower_rows[0]["bytes_down"])
+
+
+def test_simulation_drops_crashed_hung_nan_and_misshaped_clients(tmp_path):
+    """Round 2: client 1 returns NaN, client 2 crashes, client 3 hangs past the timeout, client 4 sends a
+    mis-shaped update. Only client 0's update is aggregated; round 1's aggregate is the weighted mean of all."""
+    record = tmp_path / "record"
+    record.mkdir()
+    plan = {(2, 1): "nan", (2, 2): "crash", (2, 3): "hang", (2, 4): "shape", "hang_seconds": 25.0}
+    cfg = _cfg(num_clients=5, **{"synthetic.num_samples": 500, "flower.round_timeout": 20.0})
+    mods = [functools.partial(record_mod, str(record)), functools.partial(fault_mod, plan)]
+    summary = train(cfg, tmp_path / "run", Hardware(), client_mods=mods)
+    sizes = {int(r["client_id"]): int(r["num_train"]) for r in read_rows(tmp_path / "run" / "per_client.csv")}
+    rows = read_rows(tmp_path / "run" / "metrics.csv")
+    assert [int(r["clients_dropped"]) for r in rows] == [0, 4]
+    assert summary["clients_dropped_total"] == 4
+
+    # round 2's download is the server's aggregate of round 1: the sample-weighted mean of all 5 uploads
+    expected = weighted_mean([(record / f"up_1_{k}.safetensors", sizes[k]) for k in range(5)])
+    got = load_file(str(record / "down_2_0.safetensors"))
+    assert got.keys() == expected.keys()
+    for name in got:
+        torch.testing.assert_close(got[name].double(), expected[name], rtol=0, atol=1e-6)
+    # after round 2 only client 0's update is in the aggregate (a mean of one update is that update)
+    final = load_file(str(tmp_path / "run" / "state" / "global.safetensors"))
+    client0 = load_file(str(record / "up_2_0.safetensors"))
+    assert all(torch.equal(final[n], client0[n]) for n in final)
+    assert torch.isnan(load_file(str(record / "up_2_1.safetensors"))["adapter.A"]).all()  # it was sent
+
+
+def test_simulation_stops_when_fewer_than_min_clients_answer(tmp_path):
+    plan = {(1, 0): "crash", (1, 1): "crash"}
+    cfg = _cfg(min_clients=2)
+    with pytest.raises(RunFailed, match=r"round 1: 1 of 3 sampled clients .* min_clients=2 .*injected crash"):
+        train(cfg, tmp_path / "run", Hardware(), client_mods=[functools.partial(fault_mod, plan)])
+    assert list(tmp_path.iterdir()) == []  # nothing half-written
+
+
+# ---------------------------------------------------------------- deployment
+
+def _deployed_supernode(deploy_pid: int, partition: int) -> int:
+    for pid in descendants(deploy_pid):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if "flower-supernode" in cmdline and f"partition-id={partition} " in cmdline:
+            return pid
+    raise AssertionError(f"no SuperNode with partition-id={partition} under pid {deploy_pid}")
+
+
+@pytest.mark.slow
+def test_deployment_survives_a_killed_supernode(tmp_path):
+    """`pfl deploy`: a SuperLink, 3 SuperNodes and flwr run as separate processes on loopback. SuperNode 2
+    is killed (SIGKILL) after round 1; rounds 2 and 3 complete with clients 0 and 1, and every process
+    `pfl deploy` started is gone afterwards."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "cli.main", "deploy", "--recipe", "smoke", "--supernodes", "3", "--out", str(out),
+           "--set", "num_clients=3", "--set", "rounds=3", "--set", "eval_every=3",
+           "--set", "flower.round_timeout=30"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+                            env={**os.environ, "COLUMNS": "200"})
+    lines, killed = [], False
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if not killed and "pfl: round 1:" in line:
+                os.kill(_deployed_supernode(proc.pid, 2), signal.SIGKILL)
+                killed = True
+        proc.wait(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = "".join(lines)
+    assert proc.returncode == 0, text[-3000:]
+    assert killed, text[-3000:]
+    rows = read_rows(out / "metrics.csv")
+    assert [int(r["clients_dropped"]) for r in rows] == [0, 1, 1]
+    per_client = {int(r["client_id"]): r["accuracy"] for r in read_rows(out / "per_client.csv")}
+    assert per_client[2] in ("", "nan")  # its node is gone: no personalised accuracy
+    assert float(per_client[0]) > 0.5 and float(per_client[1]) > 0.5  # 2-class clients: above chance
+    assert (out / "flower-logs" / "supernode-0.log").is_file()
