@@ -283,7 +283,7 @@ def compare(
     _interrupt_on_sigterm()
     from pfl import compare as cmp
     from pfl.algorithms import PAPER_METHODS
-    from pfl.errors import PflUserError
+    from pfl.errors import PflUserError, RunFailed
     from pfl.run import Hardware
 
     try:
@@ -328,6 +328,10 @@ def compare(
         written = cmp.write_outputs(out.expanduser().absolute(), records, rows)
     except PflUserError as exc:
         _fail(str(exc))
+    except RunFailed as exc:
+        err_console.print(f"run failed: {exc}; finished runs are kept and will be reused", markup=False,
+                          highlight=False, soft_wrap=True)
+        raise typer.Exit(code=1) from None
     except (KeyboardInterrupt, SystemExit):  # Lightning turns an interrupt inside fit into exit(1)
         err_console.print("interrupted: finished runs are kept and will be reused; the unfinished one was removed")
         raise typer.Exit(code=130) from None
@@ -343,10 +347,25 @@ def compare(
 
 
 @app.command()
-def recipes(keys: bool = typer.Option(False, "--keys", help="list every recipe key with its default")) -> None:
-    """List the bundled recipes (or, with --keys, every recipe key)."""
+def recipes(
+    keys: bool = typer.Option(False, "--keys", help="list every recipe key with its default"),
+    resolve: Optional[str] = typer.Option(None, "--resolve", help="print this recipe (name or path) fully "
+                                          "resolved, every key with its value, as TOML"),
+    set_: Optional[List[str]] = typer.Option(None, "--set", "-s", help="with --resolve: override a key"),
+) -> None:
+    """List the bundled recipes (or, with --keys, every recipe key; with --resolve, one recipe resolved)."""
     from pfl import config
+    from pfl.errors import PflUserError
 
+    if resolve:
+        import tomli_w
+
+        try:
+            cfg, _ = config.load(resolve, set_ or [])
+        except PflUserError as exc:
+            _fail(str(exc))
+        print(tomli_w.dumps(cfg.as_nested()), end="")
+        return
     if keys:
         table = Table(title="recipe keys")
         for col in ("key", "default", "allowed", "meaning"):

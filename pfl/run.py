@@ -123,6 +123,9 @@ def check_engine(cfg: Config, hw: Hardware, simulated: bool) -> None:
                            f"got {cfg['flower.client_gpus']}")
     if simulated and cfg["flower.client_gpus"] > 0 and hw.accelerator not in ("gpu", "cuda", "auto"):
         raise PflUserError("--accelerator: flower.client_gpus > 0 reserves GPUs for clients; use --accelerator gpu")
+    if simulated and cfg["flower.client_gpus"] == 0 and hw.accelerator in ("gpu", "cuda"):
+        raise PflUserError("--accelerator: in a Flower simulation clients get GPUs through Ray; also set "
+                           "flower.client_gpus, the share of a GPU per client (e.g. 0.25), got 0")
 
 
 def train(cfg: Config, out: Path, hw: Hardware, callbacks: Callbacks | None = None,
@@ -156,7 +159,7 @@ def train(cfg: Config, out: Path, hw: Hardware, callbacks: Callbacks | None = No
         if cfg.engine == "flower" and grid is None:
             from pfl.flower.app import simulate
 
-            state = simulate(run, str(state_dir), _client_accelerator(trainer), hw.precision, client_mods)
+            state = simulate(run, str(state_dir), _client_accelerator(cfg), hw.precision, client_mods)
         else:
             if cfg.engine == "flower":
                 from pfl.flower.app import FlowerWorkers
@@ -177,9 +180,9 @@ def train(cfg: Config, out: Path, hw: Hardware, callbacks: Callbacks | None = No
     return summary
 
 
-def _client_accelerator(trainer) -> str:
-    """The accelerator clients use: what the run's Trainer resolved to ('auto' becomes a concrete one)."""
-    return "gpu" if type(trainer.accelerator).__name__ == "CUDAAccelerator" else "cpu"
+def _client_accelerator(cfg: Config) -> str:
+    """Simulated clients train on a GPU exactly when Ray gives them a share of one."""
+    return "gpu" if cfg["flower.client_gpus"] > 0 else "cpu"
 
 
 class _MetricsFlusher(Callbacks):

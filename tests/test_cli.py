@@ -74,6 +74,12 @@ BAD = [
     (["--recipe", "smoke", "--accelerator", "cuda"], "--accelerator/--devices/--precision: cuda/1/32-true cannot"),
     (["--recipe", "smoke", "--devices", "2"], "--devices: the local engine trains one client at a time"),
     (["--recipe", "smoke", "--devices", "two"], "--devices: must be a count"),
+    (["--recipe", "smoke", "--engine", "spark"], "recipe key 'engine': must be one of local, flower"),
+    (["--recipe", "smoke", "--set", "min_clients=5"], "recipe key 'min_clients': must be <= the 4 clients sampled"),
+    (["--recipe", "smoke", "--set", "flower.num_supernodes=9"],
+     "recipe key 'flower.num_supernodes': must be <= num_clients (4), got 9"),
+    (["--recipe", "smoke", "--set", "flower.client_cpus=0"], "recipe key 'flower.client_cpus': must be a number > 0"),
+    (["--recipe", "smoke", "--set", "flower.round_timeout=-1"], "recipe key 'flower.round_timeout'"),
 ]
 
 

@@ -17,7 +17,7 @@ import torch
 
 pytest.importorskip("flwr", reason="the flower extra is not installed: pip install '.[flower]'")
 
-from flwr.app import ArrayRecord, Message, RecordDict  # noqa: E402
+from flwr.app import Message, RecordDict  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from pfl import config  # noqa: E402
@@ -181,6 +181,31 @@ def test_simulation_stops_when_fewer_than_min_clients_answer(tmp_path):
     with pytest.raises(RunFailed, match=r"round 1: 1 of 3 sampled clients .* min_clients=2 .*injected crash"):
         train(cfg, tmp_path / "run", Hardware(), client_mods=[functools.partial(fault_mod, plan)])
     assert list(tmp_path.iterdir()) == []  # nothing half-written
+
+
+# ---------------------------------------------------------------- bad input
+
+BAD = [
+    (["train", "--engine", "flower", "--devices", "2"], "--devices: the flower engine places clients on GPUs"),
+    (["train", "--engine", "flower", "--set", "flower.client_gpus=0.25"],
+     "recipe key 'flower.client_gpus': this machine has no CUDA GPU"),
+    (["deploy", "--supernodes", "0"], "--supernodes: must be >= 1, got 0"),
+    (["deploy", "--supernodes", "5"], "--supernodes: must be <= num_clients (4), got 5"),
+    (["deploy", "--set", "flower.client_cpus=-1"], "recipe key 'flower.client_cpus'"),
+]
+
+
+@pytest.mark.parametrize("args, message", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_flower_input_exits_2_with_one_line_and_starts_nothing(tmp_path, args, message):
+    if "flower.client_gpus=0.25" in args and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    out = tmp_path / "out"
+    res = subprocess.run([sys.executable, "-m", "cli.main", *args, "--recipe", "smoke", "--out", str(out)],
+                         capture_output=True, text=True, cwd=REPO, timeout=300, env={**os.environ, "COLUMNS": "200"})
+    assert res.returncode == 2, (res.stdout, res.stderr)
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], res.stderr
+    assert not out.exists() and not list(tmp_path.glob(".*partial*"))
 
 
 # ---------------------------------------------------------------- deployment
