@@ -262,6 +262,10 @@ class ClientWorker:
         return self.runner.evaluate(module, data.x_test, data.y_test)
 
 
+class NotSent(str):
+    """Why a sampled client got nothing this round (its node is offline): its download is not counted."""
+
+
 # What an engine's dispatcher returns per client: a result, or why there is none (crash, timeout, ...).
 Outcome = ClientResult | str
 
@@ -382,11 +386,12 @@ class FederatedRun:
         for name in results[0].diagnostics:
             record[name] = _mean(r.diagnostics[name] for r in results)
         # Costs count what travelled and ran: every download sent, every update received (rejected ones too).
+        sent = [d for k, d in downloads.items() if not isinstance(outcomes.get(k), NotSent)]
         record.update(
             params_up=sum(payload_params(r.upload.tensors) for r in received),
-            params_down=sum(payload_params(d) for d in downloads.values()),
+            params_down=sum(payload_params(d) for d in sent),
             bytes_up=sum(payload_bytes(r.upload.tensors) for r in received),
-            bytes_down=sum(payload_bytes(d) for d in downloads.values()),
+            bytes_down=sum(payload_bytes(d) for d in sent),
         )
         record.update(flops_client=sum(r.flops for r in received), flops_server=server_flops())
         previous = self.state.history[-1] if self.state.history else {"bytes_cumulative": 0, "flops_cumulative": 0}

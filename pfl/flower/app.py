@@ -11,7 +11,8 @@ Messages (one per client and round; a SuperNode serves the clients k with k mod 
 The run config (the resolved recipe as TOML, the state directory, accelerator and precision) travels in
 every message, so a node needs nothing but its partition id and the data set; a client's private state
 persists between rounds on the node's disk (`DiskStore`, one safetensors file per client id), in the
-directory the server names or the node's own `state-dir` node-config entry.
+directory the server names or the node's own `state-dir` node-config entry (`data-dir` likewise says
+where the node keeps the data set).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from flwr.serverapp import Grid, ServerApp
 from pfl.algorithms.base import Tensors, Upload
 from pfl.config import Config
 from pfl.errors import RunFailed
-from pfl.federation.engine import ClientResult, ClientWorker, Outcome
+from pfl.federation.engine import ClientResult, ClientWorker, NotSent, Outcome
 
 log = logging.getLogger("pfl")
 
@@ -76,6 +77,8 @@ def _worker_for(run: ConfigRecord, context: Context) -> tuple[ClientWorker, int]
     if key not in _WORKERS:
         _WORKERS.clear()  # one run at a time per process
         cfg = config_mod.from_toml(str(run["config"]))
+        if context.node_config.get("data-dir"):  # where this node keeps the data set, if not where the server does
+            cfg = config_mod.resolve(cfg.as_flat(), {"data_dir": str(context.node_config["data-dir"])})
         setup = build(cfg)
         trainer = make_trainer(str(run["accelerator"]), 1, str(run["precision"]), cfg.grad_clip)
         _WORKERS[key] = ClientWorker(cfg, setup.clients, setup.architectures, setup.algorithm,
@@ -209,7 +212,7 @@ class FlowerWorkers:
         for k, download in downloads.items():
             node = self._node(k)
             if node not in online:
-                offline[k] = "its SuperNode is offline"
+                offline[k] = NotSent("its SuperNode is offline")
                 continue
             content = RecordDict({"run": _run_record(self.cfg, self.state_dir, self.accelerator, self.precision,
                                                      k, round_idx),
