@@ -123,15 +123,15 @@ def read_rows(path: Path) -> list[dict]:
 
 @pytest.mark.parametrize("method", ["pfedlora", "fedkd"])
 def test_simulation_equals_local_run_bit_for_bit(tmp_path, method):
-    """3 clients, 2 rounds through Flower's simulation (Ray actors, 1 thread each) end exactly where the
-    local engine ends with 1 thread: private states survive between rounds on the nodes, and the server
+    """3 clients, 2 rounds through Flower's simulation (Ray actors, 1 thread each; the server with 1 thread)
+    end exactly where the local engine ends with 1 thread: private states survive between rounds on the nodes, and the server
     state (FedKD: mentee, compressed update, per-client versions) travels exactly."""
     cfg = _cfg(method=method)
     flower_dir, local_dir = tmp_path / "flower", tmp_path / "local"
-    summary = train(cfg, flower_dir, Hardware())
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # the server step (FedKD: SVD) runs in this process under either engine
     try:
+        summary = train(cfg, flower_dir, Hardware())
         train(config.resolve({**cfg.as_flat(), "engine": "local"}), local_dir, Hardware())
     finally:
         torch.set_num_threads(threads)
@@ -276,7 +276,7 @@ def test_deployment_survives_a_killed_supernode_and_equals_the_local_engine(tmp_
     rows = read_rows(out / "metrics.csv")
     assert [int(r["clients_dropped"]) for r in rows] == [0, 1, 1]
     per_client = {int(r["client_id"]): r["accuracy"] for r in read_rows(out / "per_client.csv")}
-    assert per_client[2] == ""  # its node is gone: no personalised accuracy
+    assert math.isnan(float(per_client[2]))  # its node is gone: no personalised accuracy
     assert float(per_client[0]) > 0.5 and float(per_client[1]) > 0.5  # 2-class clients: above chance
     assert (out / "flower-logs" / "supernode-0.log").is_file()
 
