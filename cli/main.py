@@ -205,6 +205,7 @@ def deploy(
         run_mod.check_engine(cfg, run_mod.Hardware(accelerator, 1, precision), simulated=False)
         if supernodes > cfg.num_clients:
             raise PflUserError(f"--supernodes: must be <= num_clients ({cfg.num_clients}), got {supernodes}")
+        run_mod.build(cfg)  # a missing data set or an unfit model is reported here, before any process starts
         from pfl.flower.deploy import deploy as deploy_run
 
         console.print(f"[bold]pfl deploy[/] {cfg.method} on {cfg.dataset}: N={cfg.num_clients}, T={cfg.rounds}, "

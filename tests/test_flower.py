@@ -203,6 +203,8 @@ BAD = [
     (["deploy", "--supernodes", "0"], "--supernodes: must be >= 1, got 0"),
     (["deploy", "--supernodes", "5"], "--supernodes: must be <= num_clients (4), got 5"),
     (["deploy", "--set", "flower.client_cpus=-1"], "recipe key 'flower.client_cpus'"),
+    (["deploy", "--set", "dataset=cifar10", "--set", "download=false", "--set", "data_dir=/nonexistent/x"],
+     "dataset 'cifar10': cifar-10-batches-py/ not found in /nonexistent/x"),
 ]
 
 

@@ -235,18 +235,18 @@ def deploy(cfg, out: Path, supernodes: int, accelerator: str = "cpu", precision:
     workdir = Path(tempfile.mkdtemp(prefix="pfl-deploy-"))
     config_path = workdir / "config.toml"
     config_path.write_text(tomli_w.dumps(cfg.as_nested()), encoding="utf-8")
-    ok = False
+    failed = False  # a failed run keeps its logs (and says where); success and interrupts leave nothing
     try:
         with LoopbackDeployment(supernodes, workdir) as deployment:
             code = deployment.run_app({"config": str(config_path), "out": str(out), "num-supernodes": supernodes,
                                        "accelerator": accelerator, "precision": precision}, on_line)
-        ok = code == 0 and (out / "summary.json").is_file()
-        if not ok:
+        if code != 0 or not (out / "summary.json").is_file():
+            failed = True
             raise RunFailed(f"the deployed run did not complete (flwr run exit code {code}); logs of the "
                             f"SuperLink, SuperNodes and flwr run are in {workdir}")
         if keep_logs:
             shutil.copytree(workdir, out / "flower-logs", ignore=shutil.ignore_patterns("flwr-home", "app"))
     finally:
-        if ok:
+        if not failed:
             shutil.rmtree(workdir, ignore_errors=True)
     return out
