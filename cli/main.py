@@ -107,7 +107,8 @@ def _progress() -> Progress:
 
 @app.command()
 def train(
-    recipe: str = typer.Option(..., "--recipe", "-r", help="bundled recipe name (see `pfl recipes`) or a .toml path"),
+    recipe: Optional[str] = typer.Option(None, "--recipe", "-r",
+                                         help="bundled recipe name (see `pfl recipes`) or a .toml path"),
     set_: Optional[List[str]] = typer.Option(None, "--set", "-s", help="override a recipe key: key=value"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="run directory to create (must not exist)"),
     seed: Optional[int] = typer.Option(None, "--seed", help="overrides the recipe's seed"),
@@ -116,6 +117,8 @@ def train(
     devices: str = typer.Option("1", "--devices", help="1, or one device index such as [1]"),
     engine: Optional[str] = typer.Option(None, "--engine", help="local (in this process) or flower (Flower "
                                          "simulation with Ray); overrides the recipe's `engine`"),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="continue the interrupted run that was "
+                                          "writing this directory, from its newest checkpoint"),
 ) -> None:
     """Run a recipe and write a run directory (config, metrics.csv, summary.json, plot, final state)."""
     _interrupt_on_sigterm()
@@ -123,7 +126,13 @@ def train(
     from pfl.errors import PflUserError, RunFailed
     from pfl import run as run_mod
 
+    if resume is not None:
+        _resume(resume, recipe, set_, out, seed, engine)
+        return
+    target = None
     try:
+        if recipe is None:
+            raise PflUserError("--recipe: required (a bundled recipe name or a .toml path), or --resume RUN_DIR")
         cfg, source = config.load(recipe, (set_ or []) + ([f"engine={engine}"] if engine else []), seed)
         target = out or Path("runs") / f"{cfg.name}-{cfg.method}-{datetime.now():%Y%m%d-%H%M%S}"
         run_mod.prepare_output(target)
@@ -138,9 +147,47 @@ def train(
     except RunFailed as exc:
         _run_failed(exc)
     except (KeyboardInterrupt, SystemExit):  # Lightning turns an interrupt inside fit into exit(1)
-        err_console.print("interrupted: nothing was written")
-        raise typer.Exit(code=130) from None
+        _interrupted(target)
     _print_run(Path(target).expanduser().absolute(), summary)
+
+
+def _interrupted(target) -> None:
+    from pfl import run as run_mod
+
+    found = run_mod.resumable(target) if target is not None else None
+    if found is not None and found[1] is not None:
+        err_console.print(f"interrupted after round {found[1]} was checkpointed; continue with: "
+                          f"pfl train --resume {target}", markup=False, highlight=False, soft_wrap=True)
+    else:
+        err_console.print("interrupted: nothing was written")
+    raise typer.Exit(code=130) from None
+
+
+def _resume(run_dir: Path, recipe, set_, out, seed, engine) -> None:
+    from pfl.errors import PflUserError, RunFailed
+    from pfl import run as run_mod
+
+    given = [name for name, value in (("--recipe", recipe), ("--set", set_), ("--out", out), ("--seed", seed),
+                                      ("--engine", engine)) if value]
+    if given:
+        _fail(f"--resume: continues the run exactly as it was configured; drop {', '.join(given)}")
+    try:
+        with _progress() as progress:
+            def make_callbacks(cfg, start_round):
+                console.print(f"[bold]pfl train --resume[/] {cfg.method} on {cfg.dataset}: from round "
+                              f"{start_round} of {cfg.rounds} -> {run_dir}")
+                callbacks = ProgressCallbacks(progress, cfg.rounds)
+                progress.update(callbacks.rounds_task, completed=start_round)
+                return callbacks
+
+            cfg, summary, _ = run_mod.resume(run_dir, make_callbacks)
+    except PflUserError as exc:
+        _fail(str(exc))
+    except RunFailed as exc:
+        _run_failed(exc)
+    except (KeyboardInterrupt, SystemExit):
+        _interrupted(run_dir)
+    _print_run(Path(run_dir).expanduser().absolute(), summary)
 
 
 def _print_run(run_dir: Path, summary: dict[str, Any]) -> None:
@@ -237,10 +284,14 @@ def eval_(
 ) -> None:
     """Reload a run's saved state and recompute every client's personalised test accuracy."""
     from pfl.errors import PflUserError
-    from pfl.run import Hardware, evaluate_run, read_per_client
+    from pfl.run import Hardware, evaluate_run, read_per_client, version_differences
 
     try:
         cfg, rows = evaluate_run(run_dir, Hardware(accelerator, _parse_devices(devices), precision), data_dir)
+        differences = version_differences(run_dir)
+        if differences:  # results may differ in the last bits; say why before anyone compares them
+            err_console.print(f"warning: this run was made with other versions: {'; '.join(differences)}",
+                              markup=False, highlight=False, soft_wrap=True)
         recorded = {r["client_id"]: r["accuracy"] for r in read_per_client(run_dir)} \
             if (run_dir / "per_client.csv").is_file() else {}
     except PflUserError as exc:

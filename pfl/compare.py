@@ -34,7 +34,8 @@ REFERENCE = "pfedlora"
 # Keys that may differ between the runs of one comparison; every other key is the protocol and must match.
 # Keys that do not change what a run computes (where it runs, what it is called); engine settings included:
 # a Flower run of a recipe computes what a local run does.
-_FREE_KEYS = {"method", "seed", "name", "description", "data_dir", "download", "store", "engine"}
+_FREE_KEYS = {"method", "seed", "name", "description", "data_dir", "download", "store", "engine",
+              "checkpoint_every"}
 
 
 @dataclass

@@ -138,6 +138,8 @@ SCHEMA: dict[str, Field] = {
                    "disk)", choices=("memory", "disk")),
     "engine": Field("str", "local", "what runs the rounds: in this process, or Flower (simulation with Ray, or a "
                     "deployment started by `pfl deploy`)", choices=("local", "flower")),
+    "checkpoint_every": Field("int", 10, "write the complete run state every this many rounds, so that "
+                              "`pfl train --resume` can continue after a crash (0: never)", low=0),
     "min_clients": Field("int", 1, "fewest usable client updates a round needs; below it the run stops", low=1),
     "flower.num_supernodes": Field("int", 0, "Flower simulation: SuperNodes (node p serves the clients k with "
                                    "k mod nodes = p); 0: one per client", low=0),

@@ -21,6 +21,7 @@ import platform
 import shutil
 import tempfile
 import time
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import pfl
+from pfl import checkpoint
 from pfl import config as config_mod
 from pfl.algorithms import ALGORITHMS, Algorithm, TaskSpec
 from pfl.config import Config
@@ -145,6 +147,23 @@ def train(cfg: Config, out: Path, hw: Hardware, callbacks: Callbacks | None = No
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir(parents=True)  # metrics.csv there is updated every round; renamed to `out` at the end
+    try:
+        # what `--resume` needs to rebuild this run: the resolved recipe and the hardware
+        (staging / "config.toml").write_text(tomli_w.dumps(cfg.as_nested()), encoding="utf-8")
+        (staging / RUN_FILE).write_text(json.dumps({"recipe_source": recipe_source, "accelerator": hw.accelerator,
+                                                    "devices": hw.devices, "precision": hw.precision}),
+                                        encoding="utf-8")
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return _execute(setup, out, staging, hw, trainer, callbacks, recipe_source, grid, expected_nodes, client_mods)
+
+
+def _execute(setup: Setup, out: Path, staging: Path, hw: Hardware, trainer, callbacks, recipe_source: str,
+             grid=None, expected_nodes: int = 0, client_mods=None, resume_from: dict | None = None):
+    """Rounds into `staging`, then the run directory renamed to `out`. On failure the staging directory
+    is deleted, unless it holds a checkpoint (then `pfl train --resume` continues from it)."""
+    cfg = setup.cfg
     state_dir = staging / "state" / "clients"
     try:
         if cfg.engine == "flower":
@@ -154,7 +173,7 @@ def train(cfg: Config, out: Path, hw: Hardware, callbacks: Callbacks | None = No
         else:
             store = DiskStore(state_dir) if cfg.store == "disk" else MemoryStore()
             run = FederatedRun(cfg, setup.clients, setup.architectures, setup.algorithm, store, ClientRunner(trainer))
-        run.callbacks = CallbackList(_MetricsFlusher(staging, run), callbacks)
+        run.callbacks = CallbackList(_MetricsFlusher(staging, run), _Checkpointer(staging, run), callbacks)
         started = time.perf_counter()
         if cfg.engine == "flower" and grid is None:
             from pfl.flower.app import simulate
@@ -166,18 +185,105 @@ def train(cfg: Config, out: Path, hw: Hardware, callbacks: Callbacks | None = No
 
                 run.workers = FlowerWorkers(grid, cfg, setup.clients, str(state_dir), hw.accelerator, hw.precision,
                                             expected_nodes)
-            run.initialise()
+            if resume_from is None:
+                run.initialise()
+            else:
+                run.restore(resume_from["round"], resume_from["global_state"], resume_from["clients"],
+                            resume_from["history"], resume_from["last_accuracies"])
             state = run.run()
         wall = time.perf_counter() - started
-        summary = _write_run(staging, setup, run, state, wall, hw, recipe_source)
+        summary = _write_run(staging, setup, run, state, wall, hw, recipe_source,
+                             resumed_from=resume_from["round"] if resume_from else None)
+        for leftover in [*staging.glob("checkpoint-*"), *staging.glob(".checkpoint-*"), staging / checkpoint.POINTER]:
+            shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
         out.parent.mkdir(parents=True, exist_ok=True)
         if out.exists():
             out.rmdir()  # checked empty above
         staging.rename(out)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        if checkpoint.latest_round(staging) is None:
+            shutil.rmtree(staging, ignore_errors=True)
         raise
     return summary
+
+
+RUN_FILE = "run.json"
+
+
+def resumable(out: Path) -> tuple[Path, int | None] | None:
+    """The staging directory of an unfinished run of `out` that `--resume` can continue, and the round of
+    its newest checkpoint (None: none yet, it restarts from round 0); None when there is none."""
+    out = Path(out).expanduser().absolute()
+    candidates = []
+    for staging in out.parent.glob(f".{out.name}.partial-*"):
+        if (staging / "config.toml").is_file() and (staging / RUN_FILE).is_file():
+            candidates.append((checkpoint.latest_round(staging) or -1, staging.stat().st_mtime, staging))
+    if not candidates:
+        return None
+    best = max(candidates)
+    return best[2], (best[0] if best[0] >= 0 else None)
+
+
+def _owner_alive(staging: Path) -> int | None:
+    """The pid in a staging directory's name, if that process is still a running pfl."""
+    try:
+        pid = int(staging.name.rsplit("-", 1)[1])
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (ValueError, IndexError, OSError):
+        return None
+    return pid if (b"pfl" in cmdline or b"cli.main" in cmdline) and pid != os.getpid() else None
+
+
+def resume(out: Path, make_callbacks=None) -> tuple[Config, dict[str, Any], int | None]:
+    """Continue the interrupted run that was writing `out`, from its newest checkpoint (or from round 0
+    when it had none yet). `make_callbacks(cfg, start_round)` may build the progress display. Returns the
+    config, the summary and the round it resumed from."""
+    out = Path(out).expanduser().absolute()
+    if out.exists() and (out / "summary.json").is_file():
+        raise RunDirError(f"--resume: '{out}' is a finished run; there is nothing to resume")
+    found = resumable(out)
+    if found is None:
+        raise RunDirError(f"--resume: no interrupted run of '{out}' was found (looked for "
+                          f"'{out.parent / ('.' + out.name + '.partial-*')}')")
+    staging, round_idx = found
+    pid = _owner_alive(staging)
+    if pid is not None:
+        raise RunDirError(f"--resume: the run of '{out}' is still running (pid {pid}); stop it first")
+    try:
+        cfg = config_mod.from_toml((staging / "config.toml").read_text(encoding="utf-8"))
+        saved = json.loads((staging / RUN_FILE).read_text(encoding="utf-8"))
+        hw = Hardware(str(saved["accelerator"]), saved["devices"], str(saved["precision"]))
+        recipe_source = str(saved.get("recipe_source", ""))
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, tomllib.TOMLDecodeError) as exc:
+        raise RunDirError(f"--resume: '{staging}' has an unreadable config.toml or {RUN_FILE} "
+                          f"({type(exc).__name__}: {exc})") from None
+    if cfg.engine == "flower":
+        raise RunDirError("--resume: runs on the flower engine cannot be resumed yet (their client states live "
+                          "on the SuperNodes); rerun them")
+    trainer = check_hardware(hw, cfg.grad_clip)
+    setup = build(cfg)
+    # a pointer that exists but cannot be read is an error to report, not a reason to start over
+    state = checkpoint.load(staging, cfg.num_clients) if (staging / checkpoint.POINTER).exists() else None
+    round_idx = state["round"] if state else None
+    callbacks = make_callbacks(cfg, round_idx or 0) if make_callbacks else None
+    summary = _execute(setup, out, staging, hw, trainer, callbacks, recipe_source, resume_from=state)
+    return cfg, summary, round_idx
+
+
+class _Checkpointer(Callbacks):
+    """Every `checkpoint_every` rounds (before the last): the complete run state, atomically (pfl.checkpoint)."""
+
+    def __init__(self, root: Path, run: FederatedRun):
+        self.root, self.run = root, run
+
+    def on_round_end(self, record: dict[str, Any]) -> None:
+        every, t = self.run.cfg.checkpoint_every, record["round"]
+        if self.run.worker is None or every == 0 or t % every or t == self.run.cfg.rounds:
+            return
+        state = self.run.state
+        checkpoint.save(self.root, t, state.global_state,
+                        ((k, self.run.store.get(k)) for k in range(len(self.run.clients))),
+                        state.history, state.last_accuracies)
 
 
 def _client_accelerator(cfg: Config) -> str:
@@ -195,15 +301,43 @@ class _MetricsFlusher(Callbacks):
         write_metrics_csv(self.root / "metrics.csv", self.run.state.history)
 
 
+def _git_commit() -> str:
+    """The commit pfl runs from (with '+dirty' for uncommitted changes), or 'unknown' outside a checkout."""
+    import subprocess
+
+    root = Path(pfl.__file__).resolve().parent.parent
+    if not (root / ".git").exists():
+        return "unknown"
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (commit + ("+dirty" if dirty else "")) if commit else "unknown"
+
+
 def _versions() -> dict[str, str]:
     import lightning
 
     return {"python": platform.python_version(), "torch": torch.__version__, "lightning": lightning.__version__,
-            "pfl": pfl.__version__}
+            "pfl": pfl.__version__, "git_commit": _git_commit()}
+
+
+def version_differences(run_dir: Path) -> list[str]:
+    """What differs between the versions a run was made with (summary.json) and the running ones."""
+    try:
+        recorded = json.loads((Path(run_dir) / "summary.json").read_text(encoding="utf-8"))["versions"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return ["summary.json has no readable 'versions'"]
+    now = _versions()
+    return [f"{name} {recorded.get(name, '?')} -> {now[name]}" for name in now
+            if str(recorded.get(name, "?")) != str(now[name])]
 
 
 def _write_run(root: Path, setup: Setup, run: FederatedRun, state, wall: float, hw: Hardware,
-               recipe_source: str) -> dict[str, Any]:
+               recipe_source: str, resumed_from: int | None = None) -> dict[str, Any]:
     cfg = setup.cfg
     (root / "config.toml").write_text(tomli_w.dumps(cfg.as_nested()), encoding="utf-8")
     write_metrics_csv(root / "metrics.csv", state.history)
@@ -238,6 +372,7 @@ def _write_run(root: Path, setup: Setup, run: FederatedRun, state, wall: float, 
         "target_accuracy": cfg.target_accuracy,
         "to_target": first_reaching(state.history, cfg.target_accuracy),
         "wall_seconds": round(wall, 3),
+        "resumed_from_round": resumed_from,
         "train_seconds_per_round": round(sum(r["train_seconds"] for r in state.history) / len(state.history), 4),
         "hardware": {"accelerator": hw.accelerator, "devices": str(hw.devices), "precision": hw.precision},
         "engine": _engine_summary(cfg),

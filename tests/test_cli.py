@@ -5,6 +5,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -60,44 +61,97 @@ def existing_run(tmp_path):
 
 
 BAD = [
-    (["--recipe", "nope"], "--recipe: unknown recipe 'nope'"),
-    (["--recipe", "smoke", "--set", "rounds=0"], "recipe key 'rounds': must be an integer >= 1"),
-    (["--recipe", "smoke", "--set", "bogus=1"], "--set key 'bogus': unknown recipe key"),
-    (["--recipe", "smoke", "--set", "participation=2"], "recipe key 'participation'"),
-    (["--recipe", "smoke", "--set", "pfedlora.rank=0"], "recipe key 'pfedlora.rank'"),
-    (["--recipe", "smoke", "--set", "noequals"], "expected key=value"),
-    (["--recipe", "smoke", "--set", "dataset=cifar10", "--set", "download=false", "--set", "data_dir=/nonexistent/x"],
+    (["train", "--recipe", "nope"], "--recipe: unknown recipe 'nope'"),
+    (["train", "--recipe", "smoke", "--set", "rounds=0"], "recipe key 'rounds': must be an integer >= 1"),
+    (["train", "--recipe", "smoke", "--set", "bogus=1"], "--set key 'bogus': unknown recipe key"),
+    (["train", "--recipe", "smoke", "--set", "participation=2"], "recipe key 'participation'"),
+    (["train", "--recipe", "smoke", "--set", "pfedlora.rank=0"], "recipe key 'pfedlora.rank'"),
+    (["train", "--recipe", "smoke", "--set", "noequals"], "expected key=value"),
+    (["train", "--recipe", "smoke", "--set", "dataset=cifar10", "--set", "download=false", "--set", "data_dir=/nonexistent/x"],
      "dataset 'cifar10': cifar-10-batches-py/ not found in /nonexistent/x"),
-    (["--recipe", "smoke", "--out", "/proc/pfl-run"], "--out: cannot create '/proc/pfl-run'"),
-    (["--recipe", "smoke", "--precision", "16-mixed"], "--precision: 16-mixed (float16) needs a GPU"),
-    (["--recipe", "smoke", "--precision", "8-bit"], "--precision: must be one of"),
-    (["--recipe", "smoke", "--accelerator", "cuda"], "--accelerator/--devices/--precision: cuda/1/32-true cannot"),
-    (["--recipe", "smoke", "--devices", "2"], "--devices: the local engine trains one client at a time"),
-    (["--recipe", "smoke", "--devices", "two"], "--devices: must be a count"),
-    (["--recipe", "smoke", "--engine", "spark"], "recipe key 'engine': must be one of local, flower"),
-    (["--recipe", "smoke", "--set", "min_clients=5"], "recipe key 'min_clients': must be <= the 4 clients sampled"),
-    (["--recipe", "smoke", "--set", "flower.num_supernodes=9"],
+    (["train", "--recipe", "smoke", "--out", "/proc/pfl-run"], "--out: cannot create '/proc/pfl-run'"),
+    (["train", "--recipe", "smoke", "--precision", "16-mixed"], "--precision: 16-mixed (float16) needs a GPU"),
+    (["train", "--recipe", "smoke", "--precision", "8-bit"], "--precision: must be one of"),
+    (["train", "--recipe", "smoke", "--accelerator", "cuda"], "--accelerator/--devices/--precision: cuda/1/32-true cannot"),
+    (["train", "--recipe", "smoke", "--devices", "2"], "--devices: the local engine trains one client at a time"),
+    (["train", "--recipe", "smoke", "--devices", "two"], "--devices: must be a count"),
+    (["train", "--recipe", "smoke", "--engine", "spark"], "recipe key 'engine': must be one of local, flower"),
+    (["train", "--recipe", "smoke", "--set", "min_clients=5"], "recipe key 'min_clients': must be <= the 4 clients sampled"),
+    (["train", "--recipe", "smoke", "--set", "flower.num_supernodes=9"],
      "recipe key 'flower.num_supernodes': must be <= num_clients (4), got 9"),
-    (["--recipe", "smoke", "--set", "flower.client_cpus=0"], "recipe key 'flower.client_cpus': must be a number > 0"),
-    (["--recipe", "smoke", "--set", "flower.round_timeout=-1"], "recipe key 'flower.round_timeout'"),
+    (["train", "--recipe", "smoke", "--set", "flower.client_cpus=0"], "recipe key 'flower.client_cpus': must be a number > 0"),
+    (["train", "--recipe", "smoke", "--set", "flower.round_timeout=-1"], "recipe key 'flower.round_timeout'"),
+    (["train", "--recipe", "smoke", "--set", "num_clients=0"], "recipe key 'num_clients': must be an integer >= 1"),
+    (["train", "--recipe", "smoke", "--set", "participation=0"], "recipe key 'participation': must be a number > 0"),
+    (["train", "--recipe", "smoke", "--set", "local_epochs=0"], "recipe key 'local_epochs': must be an integer >= 1"),
+    (["train", "--recipe", "smoke", "--set", "lr=0"], "recipe key 'lr': must be a number > 0"),
+    (["train", "--recipe", "smoke", "--set", "lr=nan"], "recipe key 'lr': must be a number > 0"),
+    (["train", "--recipe", "smoke", "--set", "batch_size=0"], "recipe key 'batch_size': must be an integer >= 1"),
+    (["train", "--recipe", "smoke", "--set", "rounds=1.5"], "recipe key 'rounds': must be an integer >= 1"),
+    (["train", "--recipe", "smoke", "--set", "classes_per_client=5"],
+     "recipe key 'classes_per_client': must be <= the 4 classes of synthetic"),
+    (["train", "--recipe", "smoke", "--set", "pfedlora.rank=501"], "recipe key 'pfedlora.rank': must be an integer in [1, 500]"),
+    (["train", "--recipe", "smoke", "--set", "method=fedx"], "recipe key 'method': must be one of"),
+    (["train", "--recipe", "smoke", "--set", "model_zoo=[\"cnn9\"]"], "recipe key 'model_zoo': unknown model 'cnn9'"),
+    (["train", "--recipe", "smoke", "--set", "dirichlet_alpha=0"], "recipe key 'dirichlet_alpha': must be a number > 0"),
+    (["train", "--recipe", "smoke", "--set", "test_fraction=1"], "recipe key 'test_fraction'"),
+    (["train", "--recipe", "smoke", "--set", "eval_every=0"], "recipe key 'eval_every': must be an integer >= 1"),
+    (["train", "--recipe", "smoke", "--set", "checkpoint_every=-1"], "recipe key 'checkpoint_every': must be an integer >= 0"),
+    (["train", "--recipe", "smoke", "--set", "dataset=mnist"], "recipe key 'dataset': must be one of"),
+    (["train", "--recipe", "smoke", "--set", "method=fedkd", "--set", "fedkd.energy_start=0.99", "--set",
+      "fedkd.energy_end=0.9"],
+     "recipe key 'fedkd.energy_end': must be >= fedkd.energy_start"),
+    (["train", "--recipe", "/etc/passwd"], "--recipe: '/etc/passwd' is not valid TOML"),
+    (["train", "--recipe", "missing.toml"], "--recipe: file 'missing.toml' does not exist"),
+    (["train", "--set", "rounds=2"], "--recipe: required"),
+    (["train", "--recipe", "smoke", "--out", "{finished}"], "--out: '{finished}' already exists and is not empty"),
+    (["train", "--resume", "{finished}"], "--resume: '{finished}' is a finished run; there is nothing to resume"),
+    (["train", "--resume", "/nonexistent/run"], "--resume: no interrupted run of '/nonexistent/run' was found"),
+    (["train", "--resume", "{finished}", "--set", "rounds=9"], "--resume: continues the run exactly as it was configured; drop --set"),
+    (["eval", "/nonexistent/run"], "RUN_DIR: '/nonexistent/run' is not a directory"),
+    (["eval", "{finished}", "--precision", "16-mixed"], "--precision: 16-mixed (float16) needs a GPU"),
+    (["compare", "--recipe", "smoke", "--methods", "pfedlora,nope"], "--methods"),
+    (["recipes", "--resolve", "nope"], "--recipe: unknown recipe 'nope'"),
 ]
 
 
-@pytest.mark.parametrize("args, message", BAD, ids=[" ".join(a[2:]) or a[1] for a, _ in BAD])
-def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, args, message):
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("finished") / "run"
+    assert pfl("train", "--recipe", "smoke", "--set", "rounds=1", "--out", str(out)).returncode == 0
+    return out
+
+
+def _snapshot(directory: Path) -> dict:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("args, message", BAD, ids=[" ".join(a[:1] + a[3:] if a[1:2] == ["--recipe"] else a) for a, _ in BAD])
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, monkeypatch, finished_run, args, message):
+    """The CLI in-process (Typer's runner: the same code path as the `pfl` command, without paying a
+    Python start per row): exit 2, one line naming the problem, nothing written, a finished run untouched."""
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
     if "cuda" in args:
         import torch
         if torch.cuda.is_available():
             pytest.skip("this machine has CUDA")
+    monkeypatch.chdir(tmp_path)
+    args = [a.replace("{finished}", str(finished_run)) for a in args]
+    message = message.replace("{finished}", str(finished_run))
     out = tmp_path / "out"
-    if "--out" not in args:
+    if args[0] in ("train", "compare") and "--out" not in args and "--resume" not in args:
         args = args + ["--out", str(out)]
-    res = pfl("train", *args, cwd=tmp_path)
-    assert res.returncode == 2, (res.stdout, res.stderr)
-    lines = [l for l in res.stderr.splitlines() if l.strip()]
+    before = _snapshot(finished_run)
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 2, (res.stdout, res.stderr, res.exception)
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], res.stderr
     assert "Traceback" not in res.stderr
     assert not out.exists() and not list(tmp_path.glob(".*partial*")) and not (tmp_path / "runs").exists()
+    assert _snapshot(finished_run) == before
 
 
 def test_existing_out_dir_is_refused_and_left_untouched(existing_run):

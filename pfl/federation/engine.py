@@ -54,6 +54,8 @@ def make_trainer(accelerator: str = "cpu", devices: Any = 1, precision: str = "3
     Raises PflUserError when the hardware lacks the accelerator or precision asked for.
     """
     quiet_lightning()
+    # Same recipe + seed => same result: deterministic kernels where torch has them (warn where it has not).
+    torch.use_deterministic_algorithms(True, warn_only=True)
     if precision not in PRECISIONS:
         raise PflUserError(f"--precision: must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     try:
@@ -330,6 +332,15 @@ class FederatedRun:
         """Seeded initial server state; the engine initialises every client's private state from it."""
         self.state = RunState(global_state=seeded_initial_global(self.algorithm, self.cfg.seed))
         self.workers.start(self.state.global_state)
+
+    def restore(self, round_idx: int, global_state: Tensors, client_states: dict[int, Tensors],
+                history: list[dict[str, Any]], last_accuracies: list[float]) -> None:
+        """Continue from a checkpoint (pfl.checkpoint): the state after round `round_idx`. Every random
+        draw of later rounds is seeded by (seed, round, ...), so nothing else needs restoring."""
+        self.state = RunState(global_state=global_state, round=round_idx, history=list(history),
+                              last_accuracies=list(last_accuracies))
+        for k, state in client_states.items():
+            self.worker.store.put(k, state)
 
     # -- rounds -----------------------------------------------------------------------------
     def run(self) -> RunState:

@@ -1,0 +1,149 @@
+"""Checkpoints of a run in progress, written so that a crash at any moment leaves a complete one.
+
+A checkpoint is a directory `checkpoint-RRRRRR/` in the run's staging directory:
+
+    global.safetensors                the server state after round R
+    clients/client_NNNNN.safetensors  every client's private state after round R
+    progress.json                     R, the metrics rows so far, the last accuracies
+
+written under a temporary name, every file fsynced, then renamed into place; `checkpoint.json` (also
+replaced atomically, after an fsync) names the newest complete checkpoint and holds the SHA-256 of each
+of its files, so a truncated or altered file is reported by name. Older checkpoints are deleted only
+after the pointer has moved. Nothing is ever unpickled: tensors are safetensors, the rest is JSON.
+
+Random-number state needs no saving: every random choice of a run (partition, sampling, initialisation,
+data order, augmentation) is drawn from a generator seeded by (seed, round, client, phase) at the moment
+it is used, so round R + 1 after a resume draws exactly what it would have drawn without the crash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from pfl.errors import RunDirError
+
+POINTER = "checkpoint.json"
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write_json_atomically(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync(path.parent)
+
+
+def save(root: Path, round_idx: int, global_state: dict[str, torch.Tensor], client_states,
+         history: list[dict[str, Any]], last_accuracies: list[float]) -> Path:
+    """Write the checkpoint of round `round_idx` under `root` and point checkpoint.json at it.
+
+    `client_states` yields (client_id, tensors)."""
+    root = Path(root)
+    name = f"checkpoint-{round_idx:06d}"
+    tmp = root / f".{name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "clients").mkdir(parents=True)
+    files = {"global.safetensors": {k: v.contiguous() for k, v in global_state.items()} or
+             {"_empty": torch.zeros(0)}}
+    for k, state in client_states:
+        files[f"clients/client_{k:05d}.safetensors"] = {n: t.contiguous() for n, t in state.items()}
+    digests = {}
+    for rel, tensors in files.items():
+        save_file(tensors, str(tmp / rel))
+        _fsync(tmp / rel)
+        digests[rel] = _sha256(tmp / rel)
+    progress = {"round": round_idx, "history": history, "last_accuracies": last_accuracies}
+    (tmp / "progress.json").write_text(json.dumps(progress), encoding="utf-8")
+    _fsync(tmp / "progress.json")
+    digests["progress.json"] = _sha256(tmp / "progress.json")
+    _fsync(tmp / "clients")
+    _fsync(tmp)
+    target = root / name
+    shutil.rmtree(target, ignore_errors=True)  # a leftover of a crash right after this rename, before the pointer
+    os.replace(tmp, target)
+    _fsync(root)
+    _write_json_atomically(root / POINTER, {"latest": name, "round": round_idx, "sha256": digests})
+    for old in root.glob("checkpoint-*"):
+        if old.name != name:
+            shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def latest_round(root: Path) -> int | None:
+    """The round of the newest complete checkpoint under `root`, or None (no or unreadable pointer)."""
+    try:
+        return int(json.loads((Path(root) / POINTER).read_text(encoding="utf-8"))["round"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def load(root: Path, num_clients: int) -> dict[str, Any]:
+    """The newest checkpoint under `root`, verified; RunDirError naming the file when anything is wrong."""
+    root = Path(root)
+    pointer_path = root / POINTER
+    try:
+        pointer = json.loads(pointer_path.read_text(encoding="utf-8"))
+        name, digests = str(pointer["latest"]), dict(pointer["sha256"])
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+        raise RunDirError(f"checkpoint pointer '{pointer_path}' is missing or corrupted ({type(exc).__name__})") \
+            from None
+    if "/" in name or not name.startswith("checkpoint-"):
+        raise RunDirError(f"checkpoint pointer '{pointer_path}' names an invalid checkpoint {name!r}")
+    directory = root / name
+    expected = {"global.safetensors", "progress.json"} | {f"clients/client_{k:05d}.safetensors"
+                                                          for k in range(num_clients)}
+    if set(digests) != expected:
+        raise RunDirError(f"checkpoint '{directory}' does not list the files of a {num_clients}-client run")
+    for rel, digest in digests.items():
+        path = directory / rel
+        if not path.is_file():
+            raise RunDirError(f"checkpoint file '{path}' is missing")
+        if _sha256(path) != digest:
+            raise RunDirError(f"checkpoint file '{path}' is corrupted (its SHA-256 differs from checkpoint.json)")
+
+    def tensors(rel: str) -> dict[str, torch.Tensor]:
+        try:
+            return load_file(str(directory / rel))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise RunDirError(f"checkpoint file '{directory / rel}' is not a valid safetensors file: {exc}") \
+                from None
+
+    try:
+        progress = json.loads((directory / "progress.json").read_text(encoding="utf-8"))
+        round_idx, history = int(progress["round"]), list(progress["history"])
+        last_accuracies = [float(a) for a in progress["last_accuracies"]]
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+        raise RunDirError(f"checkpoint file '{directory / 'progress.json'}' is corrupted "
+                          f"({type(exc).__name__})") from None
+    global_state = tensors("global.safetensors")
+    global_state.pop("_empty", None)
+    clients = {k: tensors(f"clients/client_{k:05d}.safetensors") for k in range(num_clients)}
+    return {"round": round_idx, "history": history, "last_accuracies": last_accuracies,
+            "global_state": global_state, "clients": clients}
