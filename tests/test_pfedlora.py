@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from pfl.algorithms import ALGORITHMS, TaskSpec, Upload
-from pfl.algorithms.base import payload_bytes, weighted_mean
+from pfl.algorithms.base import cpu_clone, payload_bytes, weighted_mean
 from pfl.data import BatchTransform, build_clients, make_synthetic
 from pfl.federation import ClientRunner, FederatedRun, MemoryStore, make_trainer
 from pfl.models import assign_architectures
@@ -144,3 +144,28 @@ def test_disk_store_gives_the_same_run_as_the_memory_store(make_cfg, tmp_path):
         histories.append([{k: v for k, v in r.items() if "seconds" not in k} for r in run.run().history])
     assert histories[0] == histories[1]
     assert len(list((tmp_path / "clients").glob("client_*.safetensors"))) == cfg.num_clients
+
+
+def test_local_engine_rejects_a_non_finite_or_misshaped_update(make_cfg):
+    """Whatever the engine, the round loop checks every update before the server step sees it."""
+    cfg = make_cfg()
+    algo, clients, archs = setup(cfg)
+    run = FederatedRun(cfg, clients, archs, algo, MemoryStore(), ClientRunner(make_trainer(grad_clip=cfg.grad_clip)))
+    run.initialise()
+    train = run.workers.train
+
+    def corrupting(round_idx, downloads, on_done):
+        outcomes = train(round_idx, downloads, on_done)
+        outcomes[1].upload.tensors["adapter.A"] = torch.full_like(outcomes[1].upload.tensors["adapter.A"], math.inf)
+        outcomes[2].upload.tensors["adapter.B"] = outcomes[2].upload.tensors["adapter.B"][:, :2]
+        kept.extend(cpu_clone(outcomes[k].upload.tensors) | {"n": outcomes[k].upload.num_samples} for k in (0, 3))
+        return outcomes
+
+    kept = []
+    run.workers.train = corrupting
+    record = run.run_round()
+    assert record["clients_dropped"] == 2
+    total = kept[0]["n"] + kept[1]["n"]
+    for name in ("adapter.A", "adapter.B"):
+        expected = (kept[0][name].double() * kept[0]["n"] + kept[1][name].double() * kept[1]["n"]) / total
+        torch.testing.assert_close(run.state.global_state[name].double(), expected, rtol=0, atol=1e-6)

@@ -100,7 +100,7 @@ def test_sigkill_at_random_points_then_resume_equals_an_uninterrupted_run(tmp_pa
 def interrupted(tmp_path) -> tuple[Path, Path]:
     """A run killed after its third checkpoint: (the requested directory, its staging directory)."""
     out = tmp_path / "run"
-    proc = start("train", "--recipe", "smoke", "--set", "rounds=30", "--set", "checkpoint_every=1", "--out", str(out))
+    proc = start("train", "--recipe", "smoke", "--set", "rounds=12", "--set", "checkpoint_every=1", "--out", str(out))
     deadline = time.monotonic() + 120
     while checkpoint_round(out) < 3 and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -165,3 +165,17 @@ def test_resume_of_a_running_or_finished_run_is_refused(interrupted, tmp_path):
     res = pfl("train", "--resume", str(out))
     assert res.returncode == 2 and "is a finished run; there is nothing to resume" in res.stderr
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_eval_warns_when_the_versions_differ(tmp_path):
+    out = tmp_path / "run"
+    assert pfl("train", "--recipe", "smoke", "--set", "rounds=1", "--out", str(out)).returncode == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["versions"]) == {"python", "torch", "lightning", "pfl", "git_commit"}
+    quiet = pfl("eval", str(out))
+    assert quiet.returncode == 0 and "warning" not in quiet.stderr
+    summary["versions"]["torch"] = "1.0.0"
+    (out / "summary.json").write_text(json.dumps(summary))
+    res = pfl("eval", str(out))
+    assert res.returncode == 0
+    assert f"warning: this run was made with other versions: torch 1.0.0 -> {torch.__version__}" in res.stderr
