@@ -264,6 +264,10 @@ def resume(out: Path, make_callbacks=None) -> tuple[Config, dict[str, Any], int 
     setup = build(cfg)
     # a pointer that exists but cannot be read is an error to report, not a reason to start over
     state = checkpoint.load(staging, cfg.num_clients) if (staging / checkpoint.POINTER).exists() else None
+    mine = out.parent / f".{out.name}.partial-{os.getpid()}"
+    if staging != mine:  # the staging dir names the pid writing it, so a second --resume sees this one alive
+        staging.rename(mine)
+        staging = mine
     round_idx = state["round"] if state else None
     callbacks = make_callbacks(cfg, round_idx or 0) if make_callbacks else None
     summary = _execute(setup, out, staging, hw, trainer, callbacks, recipe_source, resume_from=state)

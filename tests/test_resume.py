@@ -158,6 +158,17 @@ def test_truncated_or_altered_checkpoint_is_reported_by_name(interrupted):
 
 def test_resume_of_a_running_or_finished_run_is_refused(interrupted, tmp_path):
     out, staging = interrupted
+    running = start("train", "--resume", str(out))  # a resumed run names its own pid: a second resume sees it
+    try:
+        deadline = time.monotonic() + 120
+        while not list(out.parent.glob(f".{out.name}.partial-{running.pid}")) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        running.send_signal(signal.SIGSTOP)  # alive but paused: it cannot finish while we try
+        res = pfl("train", "--resume", str(out))
+        assert res.returncode == 2 and f"is still running (pid {running.pid})" in res.stderr, res.stderr
+    finally:
+        running.send_signal(signal.SIGKILL)
+        running.wait()
     ok = pfl("train", "--resume", str(out))
     assert ok.returncode == 0, ok.stderr
     assert json.loads((out / "summary.json").read_text())["resumed_from_round"] >= 3
