@@ -31,7 +31,7 @@ from flwr.serverapp import Grid, ServerApp
 from pfl.algorithms.base import Tensors, Upload
 from pfl.config import Config
 from pfl.errors import RunFailed
-from pfl.federation.engine import ClientResult, ClientWorker, NotSent, Outcome
+from pfl.federation.engine import Callbacks, ClientResult, ClientWorker, NotSent, Outcome
 
 log = logging.getLogger("pfl")
 
@@ -249,8 +249,7 @@ class FlowerWorkers:
         return ClientResult(Upload(k, num_samples, tensors), losses, diagnostics, flops)
 
     def evaluate(self, downloads: dict[int, Tensors]) -> dict[int, float]:
-        round_idx = -1
-        order, messages, offline = self._messages("evaluate", round_idx, downloads)
+        order, messages, offline = self._messages("evaluate", -1, downloads)  # -1: not a training round
         replies = self._exchange(messages, self.timeout, None)
         accs: dict[int, float] = {}
         for i, k in enumerate(order):
@@ -293,17 +292,8 @@ def _deployment_main(grid: Grid, context: Context) -> None:
                 run_config["out"])
 
 
-class _LogRounds:
+class _LogRounds(Callbacks):
     """Progress of a deployed run as log lines (the ServerApp has no terminal of its own)."""
-
-    def on_round_start(self, round_idx, sampled):
-        pass
-
-    def on_client_done(self, round_idx, client_id, done, total):
-        pass
-
-    def on_evaluate_start(self, round_idx):
-        pass
 
     def on_round_end(self, record):
         acc = record.get("acc_mean", math.nan)
@@ -317,6 +307,9 @@ def quiet_flower() -> None:
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     flwr_logger = logging.getLogger("flwr")
     flwr_logger.setLevel(logging.WARNING)
+    if getattr(flwr_logger, "_pfl_quieted", False):  # once per process, not once per run
+        return
+    flwr_logger._pfl_quieted = True
 
     class _NoDeprecation(logging.Filter):
         def filter(self, record: logging.LogRecord) -> bool:
