@@ -37,7 +37,7 @@ from pfl.data import TensorBatches
 from pfl.federation import ClientRunner, FederatedRun, MemoryStore, make_trainer
 from pfl.federation.engine import sample_clients
 from pfl.federation.seeding import derive_seed
-from pfl.run import build
+from pfl.build import build
 
 
 def plain_round(cfg, setup, states: dict, global_adapter: dict, round_idx: int, models: dict) -> dict:
@@ -103,10 +103,10 @@ def main() -> None:
     total_rounds = args.warmup + args.rounds
     cfg, _ = config.load(args.recipe, args.overrides + [f"rounds={total_rounds}", f"eval_every={10**6}"])
     setup = build(cfg)
-    run = FederatedRun(cfg, setup.clients, setup.architectures, setup.algorithm, MemoryStore(),
+    run = FederatedRun.local(cfg, setup.clients, setup.architectures, setup.algorithm, MemoryStore(),
                        ClientRunner(make_trainer("cpu", 1, "32-true", cfg.grad_clip)))
     run.initialise()
-    plain_states = {k: dict(run.store.get(k)) for k in range(cfg.num_clients)}
+    plain_states = {k: dict(run.workers.store.get(k)) for k in range(cfg.num_clients)}
     plain_global = dict(run.state.global_state)
     plain_models = {} if args.side == "pfl" else {arch: setup.algorithm.make_client(arch)
                                                   for arch in set(setup.architectures)}

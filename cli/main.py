@@ -74,6 +74,8 @@ class ProgressCallbacks:
         self.clients_task = progress.add_task("clients", total=1, acc="")
         self.latest = "-"
 
+    def on_run_start(self, run) -> None: ...
+
     def on_round_start(self, round_idx: int, sampled: list[int]) -> None:
         self.progress.reset(self.clients_task, total=len(sampled), description=f"round {round_idx} clients")
 
@@ -125,6 +127,7 @@ def train(
     from pfl import config
     from pfl.errors import PflUserError, RunFailed
     from pfl import run as run_mod
+    from pfl import rundir
 
     if resume is not None:
         _resume(resume, recipe, set_, out, seed, engine)
@@ -135,7 +138,7 @@ def train(
             raise PflUserError("--recipe: required (a bundled recipe name or a .toml path), or --resume RUN_DIR")
         cfg, source = config.load(recipe, (set_ or []) + ([f"engine={engine}"] if engine else []), seed)
         target = out or Path("runs") / f"{cfg.name}-{cfg.method}-{datetime.now():%Y%m%d-%H%M%S}"
-        run_mod.prepare_output(target)
+        rundir.prepare_output(target)
         hw = run_mod.Hardware(accelerator, _parse_devices(devices), precision)
         console.print(f"[bold]pfl train[/] {cfg.method} on {cfg.dataset}: N={cfg.num_clients}, "
                       f"C={cfg.participation}, T={cfg.rounds}, {cfg.partition} partition, {cfg.model_setting} "
@@ -153,8 +156,9 @@ def train(
 
 def _interrupted(target) -> None:
     from pfl import run as run_mod
+    from pfl import rundir
 
-    found = run_mod.resumable(target) if target is not None else None
+    found = rundir.resumable(target) if target is not None else None
     if found is not None and found[1] is not None:
         err_console.print(f"interrupted after round {found[1]} was checkpointed; continue with: "
                           f"pfl train --resume {target}", markup=False, highlight=False, soft_wrap=True)
@@ -166,6 +170,7 @@ def _interrupted(target) -> None:
 def _resume(run_dir: Path, recipe, set_, out, seed, engine) -> None:
     from pfl.errors import PflUserError, RunFailed
     from pfl import run as run_mod
+    from pfl import rundir
 
     given = [name for name, value in (("--recipe", recipe), ("--set", set_), ("--out", out), ("--seed", seed),
                                       ("--engine", engine)) if value]
@@ -191,7 +196,7 @@ def _resume(run_dir: Path, recipe, set_, out, seed, engine) -> None:
 
 
 def _print_run(run_dir: Path, summary: dict[str, Any]) -> None:
-    from pfl.run import read_per_client
+    from pfl.rundir import read_per_client
 
     table = Table(title=f"personalised accuracy per client (round {summary['final']['round']})")
     for col in ("client", "arch", "train", "test", "accuracy"):
@@ -242,13 +247,14 @@ def deploy(
     from pfl import config
     from pfl.errors import PflUserError, RunFailed
     from pfl import run as run_mod
+    from pfl import rundir
 
     try:
         cfg, source = config.load(recipe, (set_ or []) + ["engine=flower"], seed)
         if supernodes < 1:
             raise PflUserError(f"--supernodes: must be >= 1, got {supernodes}")
         target = out or Path("runs") / f"{cfg.name}-{cfg.method}-deploy-{datetime.now():%Y%m%d-%H%M%S}"
-        run_mod.prepare_output(target)
+        rundir.prepare_output(target)
         run_mod.check_engine(cfg, run_mod.Hardware(accelerator, 1, precision), simulated=False)
         if supernodes > cfg.num_clients:
             raise PflUserError(f"--supernodes: must be <= num_clients ({cfg.num_clients}), got {supernodes}")
@@ -284,7 +290,9 @@ def eval_(
 ) -> None:
     """Reload a run's saved state and recompute every client's personalised test accuracy."""
     from pfl.errors import PflUserError
-    from pfl.run import Hardware, evaluate_run, read_per_client, version_differences
+    from pfl.report import version_differences
+    from pfl.run import Hardware, evaluate_run
+    from pfl.rundir import read_per_client
 
     try:
         cfg, rows = evaluate_run(run_dir, Hardware(accelerator, _parse_devices(devices), precision), data_dir)
@@ -314,6 +322,57 @@ def eval_(
     console.print(f"mean accuracy {100 * sum(valid) / max(len(valid), 1):.2f}% over {len(valid)} clients")
 
 
+class RunsProgress:
+    """The progress display of many runs (compare, tune): runs done overall, and one line per active run
+    (its label, round, latest accuracy). In logs (no terminal): one plain line per round and per run."""
+
+    def __init__(self, progress: Progress, total: int, title: str = "runs done"):
+        self.progress = progress
+        self.overall = progress.add_task(title, total=total, acc="")
+        self.tasks: dict[str, Any] = {}
+
+    def on_event(self, event: dict[str, Any]) -> None:
+        label = event["label"]
+        if event["event"] == "start":
+            if label not in self.tasks:
+                self.tasks[label] = self.progress.add_task(label, total=event["rounds"], acc="-")
+            self.progress.update(self.tasks[label], completed=event["round"])
+            return
+        acc, val = event.get("acc"), event.get("val_acc")
+        shown = "-" if acc is None or math.isnan(acc) else f"{100 * acc:.2f}%"
+        if val is not None and not math.isnan(val):
+            shown = f"{shown} (val {100 * val:.2f}%)" if shown != "-" else f"val {100 * val:.2f}%"
+        if label in self.tasks:
+            self.progress.update(self.tasks[label], completed=event["round"], acc=shown)
+        if not console.is_terminal:
+            console.print(f"{label}: round {event['round']}: mean acc {shown}", highlight=False, soft_wrap=True)
+
+    def on_outcome(self, outcome) -> None:
+        task = self.tasks.pop(outcome.label, None)
+        if task is not None:
+            self.progress.remove_task(task)
+        self.progress.update(self.overall, advance=1)
+        if outcome.status != "trained":
+            words = {"reused": "reusing finished run", "resumed": f"resumed {outcome.detail}",
+                     "stopped": outcome.detail, "failed": f"FAILED: {outcome.detail}"}[outcome.status]
+            self.progress.console.print(f"{outcome.label}: {words} ({outcome.run_dir})", markup=False,
+                                        highlight=False, soft_wrap=True)
+
+
+def _resources(jobs: int, cpus_per_run: Optional[float], gpus_per_run: float, ray_address: Optional[str], hw):
+    import os
+
+    from pfl.parallel import check_resources
+
+    return check_resources(jobs, cpus_per_run, gpus_per_run, ray_address or os.environ.get("RAY_ADDRESS"), hw)
+
+
+JOBS_HELP = "runs at once (Ray tasks when > 1); results do not depend on it"
+CPUS_HELP = "CPUs (= torch threads) per run; default: this machine's cores / --jobs"
+GPUS_HELP = "share of a GPU per run, e.g. 0.25 for four runs per GPU (needs --accelerator gpu)"
+RAY_HELP = "an existing Ray cluster to run on (default: $RAY_ADDRESS, else a local one started and stopped here)"
+
+
 @app.command()
 def compare(
     recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="recipe to run every method on"),
@@ -326,7 +385,16 @@ def compare(
                                                "comparison directories instead of running"),
     more: Optional[List[Path]] = typer.Argument(None, help="more directories for --from", show_default=False),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="comparison directory; finished runs in it are "
-                                       "reused"),
+                                       "reused, interrupted ones resumed"),
+    tune_trials: int = typer.Option(0, "--tune-trials", help="tune every method first with this many trials "
+                                    "(same budget, pruner and rounds for all) on validation data, then run the "
+                                    "seeds with each method's best values; 0: every method at its defaults"),
+    tune_rounds: Optional[int] = typer.Option(None, "--tune-rounds", help="rounds per tuning trial (default: the "
+                                              "recipe's rounds)"),
+    jobs: int = typer.Option(1, "--jobs", "-j", help=JOBS_HELP),
+    cpus_per_run: Optional[float] = typer.Option(None, "--cpus-per-run", help=CPUS_HELP),
+    gpus_per_run: float = typer.Option(0.0, "--gpus-per-run", help=GPUS_HELP),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help=RAY_HELP),
     precision: str = typer.Option("32-true", "--precision"),
     accelerator: str = typer.Option("cpu", "--accelerator"),
     devices: str = typer.Option("1", "--devices"),
@@ -338,6 +406,7 @@ def compare(
     from pfl.errors import PflUserError, RunFailed
     from pfl.run import Hardware
 
+    failures: list = []
     try:
         if (recipe is None) == (not from_):
             raise PflUserError("give either --recipe (run the methods) or --from RUN_DIR ... (use finished runs)")
@@ -346,9 +415,14 @@ def compare(
         from_ = list(from_ or []) + list(more or [])
         if seeds < 1:
             raise PflUserError(f"--seeds: must be an integer >= 1, got {seeds}")
+        if tune_trials < 0:
+            raise PflUserError(f"--tune-trials: must be an integer >= 0, got {tune_trials}")
+        if tune_rounds is not None and (tune_rounds < 1 or not tune_trials):
+            raise PflUserError(f"--tune-rounds: must be an integer >= 1 and goes with --tune-trials, got {tune_rounds}")
         if from_:
-            if methods or set_ or seed is not None or seeds != 1:
-                raise PflUserError("--from: --methods, --set, --seed and --seeds apply only with --recipe")
+            if methods or set_ or seed is not None or seeds != 1 or tune_trials:
+                raise PflUserError("--from: --methods, --set, --seed, --seeds and --tune-trials apply only with "
+                                   "--recipe")
             records = cmp.collect_runs(from_)
             if out is None:
                 out = from_[0] if len(from_) == 1 and (from_[0] / "runs").is_dir() else \
@@ -357,26 +431,44 @@ def compare(
             names = [m.strip() for m in methods.split(",") if m.strip()] if methods else list(PAPER_METHODS)
             if not names:
                 raise PflUserError("--methods: give at least one method, e.g. --methods pfedlora,standalone")
+            hw = Hardware(accelerator, _parse_devices(devices), precision)
+            resources = _resources(jobs, cpus_per_run, gpus_per_run, ray_address, hw)
             runs = cmp.plan(recipe, set_ or [], names, seeds, seed)
             base = runs[0][2]
+            if base.engine == "flower" and (resources.jobs > 1 or resources.ray_address):
+                raise PflUserError("--jobs: runs on the flower engine use Ray themselves; run them with --jobs 1 "
+                                   "or use engine=local for parallel runs")
             out = out or Path("runs") / f"compare-{base.name}-{datetime.now():%Y%m%d-%H%M%S}"
+            tuned = None
+            if tune_trials:
+                from pfl import tune as tune_mod
+
+                studies = tune_mod.plan_comparison(recipe, set_ or [], names, seed, tune_trials, tune_rounds,
+                                                   out.expanduser().absolute())
+                cmp.check_reuse(out, runs)
+                console.print(f"[bold]pfl compare[/] tuning {', '.join(names)}: {tune_trials} trials each, "
+                              f"{studies[0].rounds} rounds per trial, objective: {tune_mod.OBJECTIVE_TEXT}")
+                tuned = {}
+                for study in studies:
+                    with _progress() as progress:
+                        display = RunsProgress(progress, tune_trials, f"tuning {study.method}")
+                        result = tune_mod.run_study(study, hw, resources, display.on_event, display.on_outcome)
+                    _print_tune(result)
+                    tuned[study.method] = {"values": result.best_values, "from": str(study.out)}
+                runs = cmp.plan(recipe, set_ or [], names, seeds, seed, tuned_values=
+                                {m: t["values"] for m, t in tuned.items()})
             cmp.check_reuse(out, runs)
-            hw = Hardware(accelerator, _parse_devices(devices), precision)
             console.print(f"[bold]pfl compare[/] {', '.join(names)} on {base.dataset}: N={base.num_clients}, "
                           f"C={base.participation}, T={base.rounds}, {base.partition} partition, "
-                          f"{len(runs) // len(names)} seed(s) -> {out}")
+                          f"{len(runs) // len(names)} seed(s), {resources.jobs} at once "
+                          f"({resources.threads} thread(s) each) -> {out}")
             with _progress() as progress:
-                overall = progress.add_task("all runs", total=sum(c.rounds for _, _, c, _ in runs), acc="")
-
-                def callbacks_for(method, seed_, cfg):
-                    return ProgressCallbacks(progress, cfg.rounds, f"{method} seed {seed_}", overall)
-
-                def on_reused(method, seed_, run_dir):
-                    progress.update(overall, advance=runs[0][2].rounds)
-                    progress.console.print(f"reusing finished run {run_dir}", highlight=False)
-
-                records = cmp.run_comparison(out, runs, hw, callbacks_for, on_reused)
-        rows = cmp.summarise(records)
+                display = RunsProgress(progress, len(runs))
+                records, failures = cmp.run_comparison(out, runs, hw, resources, display.on_event,
+                                                       display.on_outcome, tuned)
+            if not records:
+                raise RunFailed("every run failed: " + "; ".join(f"{m} seed {s}: {why}" for m, s, why in failures))
+        rows = cmp.summarise(records, failures)
         written = cmp.write_outputs(out.expanduser().absolute(), records, rows)
     except PflUserError as exc:
         _fail(str(exc))
@@ -385,17 +477,25 @@ def compare(
                           highlight=False, soft_wrap=True)
         raise typer.Exit(code=1) from None
     except (KeyboardInterrupt, SystemExit):  # Lightning turns an interrupt inside fit into exit(1)
-        err_console.print("interrupted: finished runs are kept and will be reused; the unfinished one was removed")
+        err_console.print("interrupted: every worker was stopped; finished runs are kept and will be reused, "
+                          "checkpointed ones resumed, when the same command is run again")
         raise typer.Exit(code=130) from None
     table = Table(title="comparison", caption=cmp.describe(records))
     for col in cmp.TABLE_COLUMNS:
-        table.add_column(col, justify="left" if col == "method" else "right")
-    for cells in cmp.table_rows(rows):
+        table.add_column(col, justify="left" if col in ("method", "tuned") else "right")
+    for cells in cmp.table_rows([r for r in rows if r["seeds"]]):
         table.add_row(*cells)
     # logs and pipes get rich's 80 columns, which would wrap every cell: give the table room there
-    (console if console.is_terminal else Console(width=max(console.width, 170))).print(table)
-    console.print(f"ratios in brackets: method / {cmp.REFERENCE}; written: "
-                  + ", ".join(str(p) for p in written), highlight=False, soft_wrap=True)
+    (console if console.is_terminal else Console(width=max(console.width, 200))).print(table)
+    console.print(f"ratios in brackets: method / {cmp.REFERENCE}; * : the 95% interval of the paired difference "
+                  f"excludes 0; written: " + ", ".join(str(p) for p in written), highlight=False, soft_wrap=True)
+    if failures:
+        for method, seed_, why in failures:
+            err_console.print(f"failed: {method} seed {seed_}: {why}", markup=False, highlight=False, soft_wrap=True)
+        err_console.print(f"{len(failures)} run(s) failed and are not in the table; rerun the same command to "
+                          f"retry them (interrupted ones resume from their newest checkpoint)", markup=False,
+                          highlight=False, soft_wrap=True)
+        raise typer.Exit(code=1)
 
 
 @app.command()

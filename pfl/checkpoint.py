@@ -30,6 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from pfl.errors import RunDirError
+from pfl.federation.store import client_file
 
 POINTER = "checkpoint.json"
 
@@ -61,10 +62,11 @@ def _write_json_atomically(path: Path, data: Any) -> None:
 
 
 def save(root: Path, round_idx: int, global_state: dict[str, torch.Tensor], client_states,
-         history: list[dict[str, Any]], last_accuracies: list[float]) -> Path:
+         progress: dict[str, Any]) -> Path:
     """Write the checkpoint of round `round_idx` under `root` and point checkpoint.json at it.
 
-    `client_states` yields (client_id, tensors)."""
+    `client_states` yields (client_id, tensors); `progress` is the loop's JSON state (metrics rows so far,
+    the last per-client accuracies), returned as it was by `load`."""
     root = Path(root)
     name = f"checkpoint-{round_idx:06d}"
     tmp = root / f".{name}.tmp"
@@ -73,13 +75,13 @@ def save(root: Path, round_idx: int, global_state: dict[str, torch.Tensor], clie
     files = {"global.safetensors": {k: v.contiguous() for k, v in global_state.items()} or
              {"_empty": torch.zeros(0)}}
     for k, state in client_states:
-        files[f"clients/client_{k:05d}.safetensors"] = {n: t.contiguous() for n, t in state.items()}
+        files[f"clients/{client_file(k)}"] = {n: t.contiguous() for n, t in state.items()}
     digests = {}
     for rel, tensors in files.items():
         save_file(tensors, str(tmp / rel))
         _fsync(tmp / rel)
         digests[rel] = _sha256(tmp / rel)
-    progress = {"round": round_idx, "history": history, "last_accuracies": last_accuracies}
+    progress = {**progress, "round": round_idx}
     (tmp / "progress.json").write_text(json.dumps(progress), encoding="utf-8")
     _fsync(tmp / "progress.json")
     digests["progress.json"] = _sha256(tmp / "progress.json")
@@ -117,7 +119,7 @@ def load(root: Path, num_clients: int) -> dict[str, Any]:
     if "/" in name or not name.startswith("checkpoint-"):
         raise RunDirError(f"checkpoint pointer '{pointer_path}' names an invalid checkpoint {name!r}")
     directory = root / name
-    expected = {"global.safetensors", "progress.json"} | {f"clients/client_{k:05d}.safetensors"
+    expected = {"global.safetensors", "progress.json"} | {f"clients/{client_file(k)}"
                                                           for k in range(num_clients)}
     if set(digests) != expected:
         raise RunDirError(f"checkpoint '{directory}' does not list the files of a {num_clients}-client run")
@@ -137,13 +139,13 @@ def load(root: Path, num_clients: int) -> dict[str, Any]:
 
     try:
         progress = json.loads((directory / "progress.json").read_text(encoding="utf-8"))
-        round_idx, history = int(progress["round"]), list(progress["history"])
-        last_accuracies = [float(a) for a in progress["last_accuracies"]]
+        progress["round"], progress["history"] = int(progress["round"]), list(progress["history"])
+        for key in ("last_accuracies", "last_val_accuracies"):
+            progress[key] = [float(a) for a in progress.get(key, [])]
     except (UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
         raise RunDirError(f"checkpoint file '{directory / 'progress.json'}' is corrupted "
                           f"({type(exc).__name__})") from None
     global_state = tensors("global.safetensors")
     global_state.pop("_empty", None)
-    clients = {k: tensors(f"clients/client_{k:05d}.safetensors") for k in range(num_clients)}
-    return {"round": round_idx, "history": history, "last_accuracies": last_accuracies,
-            "global_state": global_state, "clients": clients}
+    clients = {k: tensors(f"clients/{client_file(k)}") for k in range(num_clients)}
+    return {**progress, "global_state": global_state, "clients": clients}

@@ -27,7 +27,10 @@ from typing import Any, Callable
 import numpy as np
 
 from pfl import config as config_mod
-from pfl.config import Config
+from pfl.algorithms import ALGORITHMS, PAPER_METHODS
+from pfl.parallel import RunOutcome, RunSpec, check_reusable, finished, run_all
+from pfl.rundir import load_run_config
+from pfl.schema import Config
 from pfl.errors import ConfigError, RunDirError
 
 REFERENCE = "pfedlora"
@@ -36,6 +39,9 @@ REFERENCE = "pfedlora"
 # a Flower run of a recipe computes what a local run does.
 _FREE_KEYS = {"method", "seed", "name", "description", "data_dir", "download", "store", "engine",
               "checkpoint_every"}
+# A method's hyperparameters: each method may run with its own (tuned) values, the same for all its seeds;
+# values that differ between methods are listed with the table.
+HYPERPARAMETERS = ("lr", "momentum", "weight_decay", "grad_clip", "local_epochs", "batch_size")
 
 
 @dataclass
@@ -53,10 +59,10 @@ def run_dir_for(out: Path, method: str, seed: int) -> Path:
 
 
 def plan(recipe: str, overrides: list[str], methods: list[str], seeds: int,
-         seed: int | None = None) -> list[tuple[str, int, Config, str]]:
-    """(method, seed, resolved config, recipe source) for every run, all validated before any runs."""
-    from pfl.algorithms import ALGORITHMS
-
+         seed: int | None = None, tuned_values: dict[str, dict[str, Any]] | None = None
+         ) -> list[tuple[str, int, Config, str]]:
+    """(method, seed, resolved config, recipe source) for every run, all validated before any runs.
+    `tuned_values`: per method, recipe keys set to what tuning found (on top of --set)."""
     unknown = [m for m in methods if m not in ALGORITHMS]
     if unknown:
         raise ConfigError(f"--methods: unknown method {unknown[0]!r}; known: {', '.join(sorted(ALGORITHMS))}")
@@ -70,26 +76,9 @@ def plan(recipe: str, overrides: list[str], methods: list[str], seeds: int,
     runs = []
     for s in range(first, first + seeds):
         for m in methods:
-            runs.append((m, s, config_mod.resolve(raw, {**parsed, "method": m, "seed": s}), source))
+            tuned = (tuned_values or {}).get(m, {})
+            runs.append((m, s, config_mod.resolve(raw, {**parsed, **tuned, "method": m, "seed": s}), source))
     return runs
-
-
-def finished(run_dir: Path) -> bool:
-    return (run_dir / "summary.json").is_file()
-
-
-def check_same_config(run_dir: Path, cfg: Config) -> None:
-    """A finished run may be reused only if it was made with exactly this resolved recipe."""
-    from pfl.run import load_run_config
-
-    old = load_run_config(run_dir).as_flat()
-    new = cfg.as_flat()
-    for key in sorted(set(old) | set(new)):
-        if key in ("data_dir",):
-            continue
-        if old.get(key) != new.get(key):
-            raise RunDirError(f"--out: the finished run '{run_dir}' was made with {key}={old.get(key)!r}, this "
-                              f"comparison asks for {key}={new.get(key)!r}; use a new --out directory")
 
 
 def read_metrics(path: Path) -> list[dict[str, float]]:
@@ -99,8 +88,6 @@ def read_metrics(path: Path) -> list[dict[str, float]]:
 
 
 def load_run(run_dir: Path) -> RunRecord:
-    from pfl.run import load_run_config
-
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
     try:
@@ -140,10 +127,14 @@ def collect_runs(paths: list[Path]) -> list[RunRecord]:
 
 
 def _protocol(cfg: Config) -> dict[str, Any]:
-    from pfl.algorithms import ALGORITHMS
-
     return {k: v for k, v in cfg.as_flat().items()
-            if k not in _FREE_KEYS and k.split(".")[0] not in (*ALGORITHMS, "flower")}
+            if k not in _FREE_KEYS and k not in HYPERPARAMETERS and k.split(".")[0] not in (*ALGORITHMS, "flower")}
+
+
+def _hyperparameters(cfg: Config) -> dict[str, Any]:
+    """The shared hyperparameters and the method's own table."""
+    flat = cfg.as_flat()
+    return {k: v for k, v in flat.items() if k in HYPERPARAMETERS or k.startswith(cfg.method + ".")}
 
 
 def check_comparable(records: list[RunRecord]) -> None:
@@ -156,6 +147,16 @@ def check_comparable(records: list[RunRecord]) -> None:
             if base.get(key) != other.get(key):
                 raise RunDirError(f"runs '{first.run_dir}' and '{r.run_dir}' differ in recipe key '{key}' "
                                   f"({base.get(key)!r} vs {other.get(key)!r}); they cannot be compared")
+    settings: dict[str, tuple[Path, dict[str, Any]]] = {}
+    for r in records:
+        mine = _hyperparameters(r.config)
+        if r.method in settings and settings[r.method][1] != mine:
+            other_dir, theirs = settings[r.method]
+            key = next(k for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k))
+            raise RunDirError(f"runs '{other_dir}' and '{r.run_dir}' of {r.method} differ in '{key}' "
+                              f"({theirs.get(key)!r} vs {mine.get(key)!r}); every seed of a method must use the "
+                              f"same settings")
+        settings[r.method] = (r.run_dir, mine)
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -167,20 +168,38 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 def _method_order(record: RunRecord) -> tuple[int, str, int]:
     """pFedLoRA first, then the baselines in the paper's order, then any other method; seeds ascending."""
-    from pfl.algorithms import PAPER_METHODS
-
     order = {m: i for i, m in enumerate(PAPER_METHODS)}
     return order.get(record.method, len(order)), record.method, record.seed
 
 
-def summarise(records: list[RunRecord]) -> list[dict[str, Any]]:
-    """One row per method (pFedLoRA, then the paper's baselines, then others): accuracy mean/std over seeds, per-round costs, and
-    to-target costs with their ratio to pFedLoRA's."""
+def paired_interval(diffs: list[float], level: float = 0.95) -> tuple[float, float]:
+    """Two-sided t interval of the mean of paired differences (n - 1 degrees of freedom); NaN below 2 pairs."""
+    if len(diffs) < 2:
+        return math.nan, math.nan
+    from scipy.stats import t
+
+    mean, sd = float(np.mean(diffs)), float(np.std(diffs, ddof=1))
+    half = float(t.ppf(0.5 + level / 2, len(diffs) - 1)) * sd / math.sqrt(len(diffs))
+    return mean - half, mean + half
+
+
+def summarise(records: list[RunRecord], failures: list[tuple[str, int, str]] | None = None
+              ) -> list[dict[str, Any]]:
+    """One row per method (pFedLoRA, then the paper's baselines, then others): accuracy mean/std over seeds,
+    the paired difference to pFedLoRA with its 95% t interval, per-round costs, and to-target costs with
+    their ratio to pFedLoRA's. `failures` (method, seed, why) are listed in the row of their method."""
     by_method: dict[str, list[RunRecord]] = {}
     for r in sorted(records, key=_method_order):
         by_method.setdefault(r.method, []).append(r)
+    failed: dict[str, list[str]] = {}
+    for method, seed, why in failures or []:
+        failed.setdefault(method, []).append(f"seed {seed}: {why}")
+        by_method.setdefault(method, [])
     rows = []
     for method, runs in by_method.items():
+        if not runs:  # every seed of this method failed
+            rows.append({"method": method, "seeds": 0, "failed": " | ".join(failed[method])})
+            continue
         final_mean, final_std = _mean_std([r.summary["final"]["acc_mean"] for r in runs])
         best_mean, best_std = _mean_std([r.summary["best"]["acc_mean"] for r in runs])
         rounds = [len(r.history) for r in runs]
@@ -202,8 +221,13 @@ def summarise(records: list[RunRecord]) -> list[dict[str, Any]]:
             "rounds_to_target": _mean_std([t["round"] for t in reached])[0],
             "bytes_to_target": _mean_std([t["bytes"] for t in reached])[0],
             "flops_to_target": _mean_std([t["flops"] for t in reached])[0],
+            "tuned": "; ".join(f"{k}={v}" for k, v in runs[0].summary.get("tuned", {}).get("values", {}).items()),
+            "failed": " | ".join(failed.get(method, [])),
         }
         rows.append(row)
+    columns = list(next(r for r in rows if r["seeds"]))  # callers pass at least one finished run
+    rows = [{c: r.get(c, math.nan) for c in columns} | {"method": r["method"], "seeds": r["seeds"],
+                                                        "failed": r["failed"]} for r in rows]
     ref = next((r for r in rows if r["method"] == REFERENCE), None)
     # paired over the seeds both ran (same seed = same partition and initial draws): the difference
     # without the seed-to-seed spread of the data split
@@ -212,6 +236,10 @@ def summarise(records: list[RunRecord]) -> list[dict[str, Any]]:
         diffs = [final_of[row["method"], s] - final_of[REFERENCE, s] for s in sorted({r.seed for r in records})
                  if (row["method"], s) in final_of and (REFERENCE, s) in final_of]
         row[f"final_minus_{REFERENCE}_mean"], row[f"final_minus_{REFERENCE}_std"] = _mean_std(diffs)
+        low, high = paired_interval(diffs)
+        row[f"final_minus_{REFERENCE}_ci95_low"], row[f"final_minus_{REFERENCE}_ci95_high"] = low, high
+        row[f"differs_from_{REFERENCE}"] = ("" if math.isnan(low) or row["method"] == REFERENCE else
+                                            "yes" if low > 0 or high < 0 else "no")
         row["paired_seeds"] = len(diffs)
     for row in rows:
         for what in ("bytes", "flops"):
@@ -240,8 +268,20 @@ def fmt_ratio(x: float) -> str:
     return "-" if math.isnan(x) else f"{x:.2f}x"
 
 
-TABLE_COLUMNS = ("method", "final acc %", f"final - {REFERENCE} (paired)", "best acc %", "bytes/round",
-                 "FLOPs/round", "rounds to target", "bytes to target (x)", "FLOPs to target (x)")
+TABLE_COLUMNS = ("method", "final acc %", f"final - {REFERENCE} [95% CI] (seeds)", "best acc %", "bytes/round",
+                 "FLOPs/round", "rounds to target", "bytes to target (x)", "FLOPs to target (x)", "tuned")
+
+
+def _fmt_paired(r: dict[str, Any]) -> str:
+    """'+0.12 [-0.30, +0.54] (3)': mean paired difference in points, its 95% t interval, pairs; '*' marks an
+    interval that excludes 0."""
+    mean = r[f"final_minus_{REFERENCE}_mean"]
+    if r["method"] == REFERENCE or math.isnan(mean):
+        return "-"
+    low, high = r[f"final_minus_{REFERENCE}_ci95_low"], r[f"final_minus_{REFERENCE}_ci95_high"]
+    interval = "" if math.isnan(low) else f" [{100 * low:+.2f}, {100 * high:+.2f}]"
+    mark = "*" if r[f"differs_from_{REFERENCE}"] == "yes" else ""
+    return f"{100 * mean:+.2f}{interval}{mark} ({r['paired_seeds']})"
 
 
 def table_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
@@ -250,9 +290,7 @@ def table_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
         reached = r["target_reached"]
         out.append([
             r["method"], fmt_acc(r["final_acc_mean"], r["final_acc_std"]),
-            "-" if math.isnan(r[f"final_minus_{REFERENCE}_mean"]) or r["method"] == REFERENCE else
-            f"{100 * r[f'final_minus_{REFERENCE}_mean']:+.2f}±{100 * r[f'final_minus_{REFERENCE}_std']:.2f} "
-            f"({r['paired_seeds']})",
+            _fmt_paired(r),
             fmt_acc(r["best_acc_mean"], r["best_acc_std"]),
             fmt_count(r["bytes_per_round"], "B"), fmt_count(r["flops_per_round"]),
             "-" if math.isnan(r["rounds_to_target"]) else f"{r['rounds_to_target']:.1f} ({reached})",
@@ -260,6 +298,7 @@ def table_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
             f"{fmt_count(r['bytes_to_target'], 'B')} ({fmt_ratio(r[f'bytes_to_target_vs_{REFERENCE}'])})",
             "-" if math.isnan(r["flops_to_target"]) else
             f"{fmt_count(r['flops_to_target'])} ({fmt_ratio(r[f'flops_to_target_vs_{REFERENCE}'])})",
+            r["tuned"] or "-",
         ])
     return out
 
@@ -274,7 +313,21 @@ def describe(records: list[RunRecord]) -> str:
             + f", N={cfg.num_clients}, C={cfg.participation}, T={cfg.rounds}, E={cfg.local_epochs}, "
             f"batch {cfg.batch_size}, {cfg.model_setting} models; seeds {', '.join(map(str, seeds))}; "
             f"accuracy: personalised, unweighted mean over clients; target "
-            + (f"{100 * target:g}%" if target > 0 else "none"))
+            + (f"{100 * target:g}%" if target > 0 else "none") + _differing_hyperparameters(records))
+
+
+def _differing_hyperparameters(records: list[RunRecord]) -> str:
+    """'; per method: lr pfedlora 0.05, standalone 0.01' for shared hyperparameters that differ."""
+    first_of = {}
+    for r in sorted(records, key=_method_order):
+        first_of.setdefault(r.method, r.config)
+    parts = []
+    for key in HYPERPARAMETERS:
+        values = {m: c[key] for m, c in first_of.items()}
+        if len(set(values.values())) > 1:
+            parts.append(f"{key} " + ", ".join(f"{m} {v:g}" if isinstance(v, float) else f"{m} {v}"
+                                               for m, v in values.items()))
+    return ("; per method: " + "; ".join(parts)) if parts else ""
 
 
 # ------------------------------------------------------------------ outputs
@@ -293,13 +346,18 @@ def write_outputs(out: Path, records: list[RunRecord], rows: list[dict[str, Any]
         lines.append(",".join("" if isinstance(r[c], float) and math.isnan(r[c]) else str(r[c]) for c in columns))
     _atomic_write(out / "comparison.csv", "\n".join(lines) + "\n")
     md = ["# Comparison\n", describe(records) + "\n",
-          f"Accuracy: mean ± std over seeds (sample std); `final - {REFERENCE}`: per-seed difference in "
-          f"points, mean ± std over the seeds both ran (count in brackets). Ratios in brackets: method / {REFERENCE} (above 1: "
+          f"Accuracy: mean ± std over seeds (sample std); `final - {REFERENCE}`: per-seed (paired: same "
+          f"partition and initial draws) difference in points, mean over the seeds both ran with its 95% "
+          f"confidence interval (t distribution, n - 1 degrees of freedom; needs 2 seeds), `*` where the "
+          f"interval excludes 0, seed count in brackets. Ratios in brackets: method / {REFERENCE} (above 1: "
           f"{REFERENCE} needed less). Costs are measured: "
           "bytes from the tensors sent (both directions), FLOPs with torch's FlopCounterMode on the real "
           "training steps and server step. `best` is the best round's mean accuracy, not the final result.\n",
           "| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
-    md += ["| " + " | ".join(cells) + " |" for cells in table_rows(rows)]
+    md += ["| " + " | ".join(cells) + " |" for cells in table_rows([r for r in rows if r["seeds"]])]
+    failed = [f"- {r['method']}: {r['failed']}" for r in rows if r["failed"]]
+    if failed:
+        md += ["", "Failed runs (not in the figures above; rerun the same command to retry or resume them):", *failed]
     _atomic_write(out / "comparison.md", "\n".join(md) + "\n")
     plots = [out / "accuracy_vs_round.png", out / "accuracy_vs_bytes.png"]
     plot_comparison(records, plots[0], plots[1], describe(records))
@@ -368,35 +426,38 @@ def plot_comparison(records: list[RunRecord], by_round: Path, by_bytes: Path, su
 
 # ------------------------------------------------------------------ running
 
+def specs_for(out: Path, runs: list[tuple[str, int, Config, str]],
+              tuned: dict[str, dict[str, Any]] | None = None) -> list[RunSpec]:
+    """The run specs of a comparison: one run directory per (method, seed) under out/runs/. `tuned`: per
+    method, what its recipe was tuned to (recorded in the runs' summary.json)."""
+    out = out.expanduser().absolute()
+    return [RunSpec(f"{m} seed {s}", cfg.as_flat(), source, run_dir_for(out, m, s),
+                    extra_summary={"tuned": tuned[m]} if tuned and m in tuned else None)
+            for m, s, cfg, source in runs]
+
+
 def check_reuse(out: Path, runs: list[tuple[str, int, Config, str]]) -> None:
-    """Refuse a comparison directory whose finished runs were made differently, before any compute."""
+    """Refuse a comparison directory whose runs were made differently, before any compute."""
     out = out.expanduser().absolute()
     if out.exists() and not out.is_dir():
         raise RunDirError(f"--out: '{out}' exists and is not a directory")
-    for method, seed, cfg, _ in runs:
-        d = run_dir_for(out, method, seed)
-        if finished(d):
-            check_same_config(d, cfg)
-        elif d.exists() and (not d.is_dir() or any(d.iterdir())):
-            raise RunDirError(f"--out: '{d}' exists but holds no finished run; remove it and run again")
+    check_reusable(specs_for(out, runs))
 
 
-def run_comparison(out: Path, runs: list[tuple[str, int, Config, str]], hw,
-                   callbacks_for: Callable[[str, int, Config], Any] | None = None,
-                   on_reused: Callable[[str, int, Path], None] | None = None) -> list[RunRecord]:
-    """Train every (method, seed) not finished yet under out/runs/, reusing finished ones; then load all."""
-    from pfl.run import check_hardware, train
-
+def run_comparison(out: Path, runs: list[tuple[str, int, Config, str]], hw, resources,
+                   on_event: Callable[[dict], None] | None = None,
+                   on_outcome: Callable[[RunOutcome], None] | None = None,
+                   tuned: dict[str, dict[str, Any]] | None = None
+                   ) -> tuple[list[RunRecord], list[tuple[str, int, str]]]:
+    """Every (method, seed) run under out/runs/: finished ones reused, interrupted ones resumed, the rest
+    trained (`resources.jobs` at once). Returns the finished runs and the failed ones (method, seed, why)."""
     out = out.expanduser().absolute()
     check_reuse(out, runs)
-    check_hardware(hw)
-    records = []
-    for method, seed, cfg, source in runs:
-        d = run_dir_for(out, method, seed)
-        if finished(d):
-            if on_reused:
-                on_reused(method, seed, d)
+    outcomes = run_all(specs_for(out, runs, tuned), hw, resources, on_event, on_outcome)
+    records, failures = [], []
+    for (method, seed, _, _), outcome in zip(runs, outcomes):
+        if outcome.ok:
+            records.append(load_run(outcome.run_dir))
         else:
-            train(cfg, d, hw, callbacks_for(method, seed, cfg) if callbacks_for else None, source)
-        records.append(load_run(d))
-    return records
+            failures.append((method, seed, outcome.detail))
+    return records, failures

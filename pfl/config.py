@@ -9,87 +9,17 @@ from __future__ import annotations
 
 import math
 import tomllib
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Mapping
 
+from pfl.algorithms import ALGORITHMS
 from pfl.errors import ConfigError
+from pfl.models import MODEL_REGISTRY
+from pfl.schema import Config, Field
 
-
-@dataclass(frozen=True)
-class Field:
-    """One recipe key: its type ('int', 'float', 'str', 'bool', 'list[str]', 'list[int]'), default,
-    an optional check returning an error text (None when fine), and a one-line help."""
-
-    kind: str
-    default: Any
-    help: str
-    choices: tuple[str, ...] | None = None
-    low: float | None = None
-    high: float | None = None
-    low_open: bool = False  # True: value must be > low instead of >= low
-    check: Callable[[Any], str | None] | None = None
-
-    def describe(self) -> str:
-        if self.choices:
-            return "one of " + ", ".join(self.choices)
-        bounds = []
-        if self.low is not None:
-            bounds.append(("> " if self.low_open else ">= ") + _fmt(self.low))
-        if self.high is not None:
-            bounds.append("<= " + _fmt(self.high))
-        what = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
-                "list[str]": "a list of strings", "list[int]": "a list of integers"}[self.kind]
-        return what + (" " + " and ".join(bounds) if bounds else "")
-
-    def coerce(self, key: str, value: Any) -> Any:
-        def bad(reason: str | None = None) -> ConfigError:
-            got = reason or f"got {value!r}"
-            return ConfigError(f"recipe key '{key}': must be {self.describe()}, {got}")
-
-        if self.kind == "int":
-            if isinstance(value, bool) or not isinstance(value, int):
-                if isinstance(value, float) and value.is_integer():
-                    value = int(value)
-                else:
-                    raise bad()
-        elif self.kind == "float":
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise bad()
-            value = float(value)
-            if not math.isfinite(value):
-                raise bad()
-        elif self.kind == "str":
-            if not isinstance(value, str):
-                raise bad()
-        elif self.kind == "bool":
-            if not isinstance(value, bool):
-                raise bad()
-        elif self.kind in ("list[str]", "list[int]"):
-            item = str if self.kind == "list[str]" else int
-            if not isinstance(value, list) or not value or not all(
-                isinstance(v, item) and not isinstance(v, bool) for v in value
-            ):
-                raise bad()
-        if self.choices is not None:
-            items = value if isinstance(value, list) else [value]
-            for v in items:
-                if v not in self.choices:
-                    raise bad()
-        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
-            raise bad()
-        if self.high is not None and value > self.high:
-            raise bad()
-        if self.check is not None:
-            reason = self.check(value)
-            if reason:
-                raise bad(reason)
-        return value
-
-
-def _fmt(x: float) -> str:
-    return str(int(x)) if float(x).is_integer() else str(x)
+__all__ = ["Config", "Field", "SCHEMA", "full_schema", "load", "resolve", "from_toml", "read_recipe_file",
+           "parse_override", "list_recipes"]
 
 
 def _image_shape(value: list[int]) -> str | None:
@@ -113,6 +43,11 @@ SCHEMA: dict[str, Field] = {
     "dirichlet_alpha": Field("float", 0.5, "Dirichlet partition: concentration", low=0.0, low_open=True),
     "test_fraction": Field("float", 0.2, "per-client share held out for the personalised test set",
                            low=0.0, high=0.9, low_open=True),
+    "val_fraction": Field("float", 0.0, "per-client share of the training data held out for validation "
+                          "(stratified, seeded, never trained on); 0: none. `pfl tune` selects on it",
+                          low=0.0, high=0.5),
+    "eval_test": Field("bool", True, "evaluate on the test split (pfl tune turns it off, so no tuning decision "
+                       "can see test data)"),
     "num_clients": Field("int", 10, "N, number of clients", low=1, high=100_000),
     "participation": Field("float", 1.0, "C, share of clients sampled each round", low=0.0, high=1.0,
                            low_open=True),
@@ -158,59 +93,13 @@ SCHEMA: dict[str, Field] = {
                              low=0.0),
 }
 
-NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "fmnist": 10}
-
-
-def full_schema() -> dict[str, Field]:
+def full_schema(methods: Mapping[str, Any] = ALGORITHMS) -> dict[str, Field]:
     """The top-level schema plus every registered method's table (`<method>.<key>`)."""
-    from pfl.algorithms import ALGORITHMS
-
     schema = dict(SCHEMA)
-    for name, algorithm in ALGORITHMS.items():
+    for name, algorithm in methods.items():
         for key, field in algorithm.SETTINGS.items():
             schema[f"{name}.{key}"] = field
     return schema
-
-
-class Config:
-    """A validated recipe: flat dotted keys; attribute access for top-level keys."""
-
-    def __init__(self, values: dict[str, Any]):
-        object.__setattr__(self, "_values", dict(values))
-
-    def __getattr__(self, key: str) -> Any:
-        try:
-            return self._values[key]
-        except KeyError:
-            raise AttributeError(key) from None
-
-    def __getitem__(self, key: str) -> Any:
-        return self._values[key]
-
-    def table(self, prefix: str) -> dict[str, Any]:
-        """The settings under `prefix.` (e.g. a method's own settings) without the prefix."""
-        p = prefix + "."
-        return {k[len(p):]: v for k, v in self._values.items() if k.startswith(p)}
-
-    @property
-    def num_classes(self) -> int:
-        if self.dataset == "synthetic":
-            return self._values["synthetic.num_classes"]
-        return NUM_CLASSES[self.dataset]
-
-    def as_flat(self) -> dict[str, Any]:
-        return dict(self._values)
-
-    def as_nested(self) -> dict[str, Any]:
-        """Nested form for writing TOML: dotted keys become tables."""
-        out: dict[str, Any] = {}
-        for key, value in self._values.items():
-            node = out
-            *parents, leaf = key.split(".")
-            for p in parents:
-                node = node.setdefault(p, {})
-            node[leaf] = value
-        return out
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -267,9 +156,11 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
-def resolve(raw: dict[str, Any], overrides: dict[str, Any] | None = None) -> Config:
-    """Defaults <- recipe <- overrides, each key validated; then cross-key checks."""
-    schema = full_schema()
+def resolve(raw: dict[str, Any], overrides: dict[str, Any] | None = None,
+            methods: Mapping[str, Any] = ALGORITHMS) -> Config:
+    """Defaults <- recipe <- overrides, each key validated against the schema and the `methods` registry's
+    tables; then cross-key checks."""
+    schema = full_schema(methods)
     values = {key: field.default for key, field in schema.items()}
     for source, items in (("recipe", raw), ("--set", overrides or {})):
         for key, value in items.items():
@@ -277,7 +168,7 @@ def resolve(raw: dict[str, Any], overrides: dict[str, Any] | None = None) -> Con
                 raise ConfigError(_unknown_key(key, schema, source))
             values[key] = schema[key].coerce(key, value)
     cfg = Config(values)
-    _cross_checks(cfg)
+    _cross_checks(cfg, methods)
     return cfg
 
 
@@ -289,12 +180,9 @@ def _unknown_key(key: str, schema: dict[str, Field], source: str) -> str:
     return f"{source} key '{key}': unknown recipe key{hint}"
 
 
-def _cross_checks(cfg: Config) -> None:
-    from pfl.algorithms import ALGORITHMS
-    from pfl.models import MODEL_REGISTRY
-
-    if cfg.method not in ALGORITHMS:
-        raise ConfigError(f"recipe key 'method': must be one of {', '.join(sorted(ALGORITHMS))}, "
+def _cross_checks(cfg: Config, methods: Mapping[str, Any]) -> None:
+    if cfg.method not in methods:
+        raise ConfigError(f"recipe key 'method': must be one of {', '.join(sorted(methods))}, "
                           f"got {cfg.method!r}")
     for name in cfg.model_zoo:
         if name not in MODEL_REGISTRY:
@@ -310,7 +198,7 @@ def _cross_checks(cfg: Config) -> None:
     if cfg["flower.num_supernodes"] > cfg.num_clients:
         raise ConfigError(f"recipe key 'flower.num_supernodes': must be <= num_clients ({cfg.num_clients}), "
                           f"got {cfg['flower.num_supernodes']}")
-    ALGORITHMS[cfg.method].check_config(cfg)
+    methods[cfg.method].check_config(cfg)
 
 
 def load(recipe: str, overrides: list[str] | None = None, seed: int | None = None) -> tuple[Config, str]:

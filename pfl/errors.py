@@ -19,3 +19,8 @@ class RunDirError(PflUserError):
 
 class RunFailed(Exception):
     """A run that cannot go on (too few usable client updates in a round). The CLI prints one line, exit 1."""
+
+
+class RunStopped(Exception):
+    """A run stopped on purpose before its last round (a tuning trial pruned for lagging). Its partial
+    output is removed; it is not a failure."""

@@ -208,7 +208,7 @@ def test_fedkd_compression_keeps_the_energy_threshold_and_is_smaller(energy):
 def test_fedkd_server_averages_updates_and_clients_track_the_global_mentee_exactly(make_cfg):
     cfg = method_cfg(make_cfg, "fedkd", rounds=3)
     algo, clients, archs = setup(cfg)
-    run = FederatedRun(cfg, clients, archs, algo, MemoryStore(), ClientRunner(make_trainer(grad_clip=cfg.grad_clip)))
+    run = FederatedRun.local(cfg, clients, archs, algo, MemoryStore(), ClientRunner(make_trainer(grad_clip=cfg.grad_clip)))
     run.initialise()
     run.run_round()
     state = run.state.global_state
@@ -217,7 +217,7 @@ def test_fedkd_server_averages_updates_and_clients_track_the_global_mentee_exact
     download = algo.download(state, 2)
     assert not any(k.startswith("mentee.") for k in download) and any(k.startswith("update.") for k in download)
     assert payload_bytes(download) < payload_bytes({k: v for k, v in state.items() if k.startswith("mentee.")})
-    module = run.module_for(2)
+    module = run.workers.worker.module_for(2)
     module.receive(download)
     for k, v in module.mentee.state_dict().items():
         assert torch.equal(v, state[f"mentee.{k}"]), k
@@ -267,7 +267,7 @@ def test_bytes_per_round_equal_the_sizes_of_the_tensors_sent(make_cfg):
     for method, (up, down) in expected.items():
         cfg = method_cfg(make_cfg, method, rounds=1)
         algo, clients, archs = setup(cfg)
-        run = FederatedRun(cfg, clients, archs, algo, MemoryStore(), ClientRunner(make_trainer()))
+        run = FederatedRun.local(cfg, clients, archs, algo, MemoryStore(), ClientRunner(make_trainer()))
         run.initialise()
         record = run.run_round()
         assert (record["bytes_up"], record["bytes_down"]) == (up, down), method
@@ -275,7 +275,7 @@ def test_bytes_per_round_equal_the_sizes_of_the_tensors_sent(make_cfg):
     # FedProto: per client, the classes it holds: m x d prototypes (float32) + m labels + m counts (int64)
     cfg = method_cfg(make_cfg, "fedproto", rounds=1)
     algo, clients, archs = setup(cfg)
-    run = FederatedRun(cfg, clients, archs, algo, MemoryStore(), ClientRunner(make_trainer()))
+    run = FederatedRun.local(cfg, clients, archs, algo, MemoryStore(), ClientRunner(make_trainer()))
     run.initialise()
     record = run.run_round()
     held = [int(torch.unique(c.y_train).numel()) for c in clients]
@@ -284,7 +284,7 @@ def test_bytes_per_round_equal_the_sizes_of_the_tensors_sent(make_cfg):
     # FedGH: the same prototypes without counts up; the global head (C x d + C float32) down
     cfg = method_cfg(make_cfg, "fedgh", rounds=1)
     algo, clients, archs = setup(cfg)
-    run = FederatedRun(cfg, clients, archs, algo, MemoryStore(), ClientRunner(make_trainer()))
+    run = FederatedRun.local(cfg, clients, archs, algo, MemoryStore(), ClientRunner(make_trainer()))
     run.initialise()
     record = run.run_round()
     assert record["bytes_up"] == sum(m * (4 * D + 8) for m in held)
@@ -295,7 +295,7 @@ def test_every_paper_method_runs_a_round_and_measures_flops(make_cfg):
     for method in PAPER_METHODS:
         cfg = method_cfg(make_cfg, method, rounds=1)
         algo, clients, archs = setup(cfg)
-        run = FederatedRun(cfg, clients, archs, algo, MemoryStore(), ClientRunner(make_trainer()))
+        run = FederatedRun.local(cfg, clients, archs, algo, MemoryStore(), ClientRunner(make_trainer()))
         run.initialise()
         record = run.run_round()
         assert record["flops_client"] > 0 and record["flops_cumulative"] == record["flops_client"] + \

@@ -92,12 +92,30 @@ def test_a_different_recipe_in_the_same_out_is_refused_and_changes_nothing(compa
 def test_runs_of_different_protocols_cannot_be_compared(comparison, tmp_path):
     out, _ = comparison
     other = tmp_path / "other"
-    res = pfl("train", "--recipe", "smoke", "--set", "rounds=2", "--set", "lr=0.02", "--set", "method=fml",
-              "--out", str(other))
+    res = pfl("train", "--recipe", "smoke", "--set", "rounds=2", "--set", "test_fraction=0.3", "--set", "method=fml",
+              "--set", "target_accuracy=0.5", "--out", str(other))
     assert res.returncode == 0, res.stderr
     res = pfl("compare", "--from", str(out), str(other), "--out", str(tmp_path / "x"))
-    assert res.returncode == 2 and "differ in recipe key 'lr'" in res.stderr
+    assert res.returncode == 2 and "differ in recipe key 'test_fraction'" in res.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_methods_may_differ_in_hyperparameters_but_not_between_their_own_seeds(comparison, tmp_path):
+    """Tuned comparisons run each method with its own learning rate; one method's seeds must agree."""
+    out, _ = comparison
+    fml = tmp_path / "fml"
+    res = pfl("train", "--recipe", "smoke", "--set", "rounds=2", "--set", "target_accuracy=0.5", "--set", "lr=0.02",
+              "--set", "method=fml", "--out", str(fml))
+    assert res.returncode == 0, res.stderr
+    res = pfl("compare", "--from", str(out), str(fml), "--out", str(tmp_path / "x"))
+    assert res.returncode == 0, res.stderr
+    assert "per method: lr pfedlora 0.01, standalone 0.01, fml 0.02" in (tmp_path / "x" / "comparison.md").read_text()
+    odd = tmp_path / "odd"
+    res = pfl("train", "--recipe", "smoke", "--set", "rounds=2", "--set", "target_accuracy=0.5", "--set", "lr=0.02",
+              "--set", "method=standalone", "--seed", "7", "--out", str(odd))
+    assert res.returncode == 0, res.stderr
+    res = pfl("compare", "--from", str(out), str(odd), "--out", str(tmp_path / "y"))
+    assert res.returncode == 2 and "of standalone differ in 'lr'" in res.stderr
 
 
 BAD = [

@@ -244,8 +244,8 @@ class _LosesClient2AfterRound1(LocalWorkers):
             outcomes[2] = "gone"
         return outcomes
 
-    def evaluate(self, downloads):
-        return super().evaluate({k: d for k, d in downloads.items() if k != 2})
+    def evaluate(self, downloads, split="test"):
+        return super().evaluate({k: d for k, d in downloads.items() if k != 2}, split)
 
 
 @pytest.mark.slow
@@ -287,9 +287,9 @@ def test_deployment_survives_a_killed_supernode_and_equals_the_local_engine(tmp_
     raw, _ = config.read_recipe_file("smoke")
     cfg = config.resolve(raw, overrides)
     setup = build(cfg)
-    local = FederatedRun(cfg, setup.clients, setup.architectures, setup.algorithm, MemoryStore(),
-                         ClientRunner(make_trainer(grad_clip=cfg.grad_clip)))
-    local.workers = _LosesClient2AfterRound1(local.worker)
+    local = FederatedRun(cfg, setup.clients, setup.algorithm,
+                         _LosesClient2AfterRound1(cfg, setup.clients, setup.architectures, setup.algorithm,
+                                                  MemoryStore(), ClientRunner(make_trainer(grad_clip=cfg.grad_clip))))
     local.initialise()
     local.run()
     same = ("train_loss", "loss_local", "loss_adapter", "bytes_up", "acc_mean", "acc_min", "acc_max")
@@ -301,4 +301,4 @@ def test_deployment_survives_a_killed_supernode_and_equals_the_local_engine(tmp_
     assert all(torch.equal(final[n], local.state.global_state[n]) for n in final)
     for k in (0, 1):
         deployed_state = load_file(str(out / "state" / "clients" / f"client_{k:05d}.safetensors"))
-        assert all(torch.equal(deployed_state[n], local.store.get(k)[n]) for n in deployed_state)
+        assert all(torch.equal(deployed_state[n], local.workers.store.get(k)[n]) for n in deployed_state)

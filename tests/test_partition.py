@@ -49,7 +49,8 @@ def test_dirichlet_every_client_gets_min_samples_and_iid_is_balanced():
 
 def test_train_test_split_is_disjoint_stratified_and_about_8_to_2():
     split = partition_indices(LABELS, cfg(), 10)
-    for tr, te in split:
+    for tr, va, te in split:
+        assert len(va) == 0
         assert not set(tr) & set(te)
         assert set(LABELS[tr]) == set(LABELS[te])  # same label distribution
         assert abs(len(te) / (len(tr) + len(te)) - 0.2) < 0.01
@@ -61,8 +62,21 @@ def test_partition_is_deterministic_by_seed():
     a = partition_indices(LABELS, cfg(seed=5), 10)
     b = partition_indices(LABELS, cfg(seed=5), 10)
     c = partition_indices(LABELS, cfg(seed=6), 10)
-    assert all(np.array_equal(x[0], y[0]) and np.array_equal(x[1], y[1]) for x, y in zip(a, b))
+    assert all(np.array_equal(x[0], y[0]) and np.array_equal(x[2], y[2]) for x, y in zip(a, b))
     assert not all(np.array_equal(x[0], y[0]) for x, y in zip(a, c))
+
+
+def test_validation_split_is_stratified_seeded_and_leaves_partition_and_test_split_alone():
+    plain = partition_indices(LABELS, cfg(), 10)
+    held = partition_indices(LABELS, cfg(val_fraction=0.25), 10)
+    again = partition_indices(LABELS, cfg(val_fraction=0.25), 10)
+    for (tr0, _, te0), (tr, va, te), (tr2, va2, _) in zip(plain, held, again):
+        assert np.array_equal(te, te0)  # the test split is the one without validation
+        assert np.array_equal(np.sort(np.concatenate([tr, va])), tr0)  # validation comes out of training data
+        assert not set(tr) & set(va)
+        assert set(LABELS[va]) <= set(LABELS[tr])  # stratified: every class keeps training samples
+        assert abs(len(va) / len(tr0) - 0.25) < 0.02
+        assert np.array_equal(va, va2) and np.array_equal(tr, tr2)
 
 
 def test_build_clients_tensors_match_partition():

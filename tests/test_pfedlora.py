@@ -81,7 +81,7 @@ def test_round_loop_counts_adapter_bytes_times_clients_times_two_and_keeps_state
     cfg = make_cfg({"num_clients": 6, "participation": 0.5, "rounds": 2, "pfedlora.rank": 4})
     algo, clients, archs = setup(cfg)
     store = MemoryStore()
-    run = FederatedRun(cfg, clients, archs, algo, store, ClientRunner(make_trainer(grad_clip=cfg.grad_clip)))
+    run = FederatedRun.local(cfg, clients, archs, algo, store, ClientRunner(make_trainer(grad_clip=cfg.grad_clip)))
     run.initialise()
     state = run.run()
     adapter_bytes = (4 * 500 + 4 * 4) * 4  # r*(d+C) float32 parameters
@@ -104,7 +104,7 @@ def test_global_adapter_equals_weighted_mean_of_last_round_client_adapters(make_
     cfg = make_cfg({"num_clients": 4, "participation": 1.0, "rounds": 1})
     algo, clients, archs = setup(cfg)
     store = MemoryStore()
-    run = FederatedRun(cfg, clients, archs, algo, store, ClientRunner(make_trainer(grad_clip=cfg.grad_clip)))
+    run = FederatedRun.local(cfg, clients, archs, algo, store, ClientRunner(make_trainer(grad_clip=cfg.grad_clip)))
     run.initialise()
     run.run()
     n = torch.tensor([c.num_train for c in clients], dtype=torch.float64)
@@ -139,7 +139,7 @@ def test_disk_store_gives_the_same_run_as_the_memory_store(make_cfg, tmp_path):
     histories = []
     for store in (MemoryStore(), DiskStore(tmp_path / "clients")):
         algo, clients, archs = setup(cfg)
-        run = FederatedRun(cfg, clients, archs, algo, store, ClientRunner(make_trainer(grad_clip=cfg.grad_clip)))
+        run = FederatedRun.local(cfg, clients, archs, algo, store, ClientRunner(make_trainer(grad_clip=cfg.grad_clip)))
         run.initialise()
         histories.append([{k: v for k, v in r.items() if "seconds" not in k} for r in run.run().history])
     assert histories[0] == histories[1]
@@ -150,7 +150,7 @@ def test_local_engine_rejects_a_non_finite_or_misshaped_update(make_cfg):
     """Whatever the engine, the round loop checks every update before the server step sees it."""
     cfg = make_cfg()
     algo, clients, archs = setup(cfg)
-    run = FederatedRun(cfg, clients, archs, algo, MemoryStore(), ClientRunner(make_trainer(grad_clip=cfg.grad_clip)))
+    run = FederatedRun.local(cfg, clients, archs, algo, MemoryStore(), ClientRunner(make_trainer(grad_clip=cfg.grad_clip)))
     run.initialise()
     train = run.workers.train
 

@@ -22,10 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from pfl.config import Config, Field
 from pfl.data.batches import BatchTransform
-
-Tensors = dict[str, torch.Tensor]
+from pfl.schema import Config, Field, Tensors
 
 
 @dataclass(frozen=True)
@@ -240,6 +238,14 @@ class Algorithm:
 
     name: ClassVar[str]
     SETTINGS: ClassVar[dict[str, Field]] = {}
+    # `pfl tune`'s default search space (recipe key -> SPEC, see pfl/tune.py): the shared learning rate plus
+    # two keys of the method's own, so that every method gets a space of the same size.
+    SHARED_SEARCH_SPACE: ClassVar[dict[str, str]] = {"lr": "log:0.003:0.1"}
+    SEARCH_SPACE: ClassVar[dict[str, str]] = {"weight_decay": "log:1e-5:1e-2", "momentum": "0.5:0.99"}
+
+    @classmethod
+    def search_space(cls) -> dict[str, str]:
+        return {**cls.SHARED_SEARCH_SPACE, **cls.SEARCH_SPACE}
 
     def __init__(self, cfg: Config, spec: TaskSpec):
         self.cfg = cfg

@@ -8,7 +8,7 @@ test set. A heterogeneous zoo cannot be averaged, so the recipe is refused.
 from __future__ import annotations
 
 from pfl.algorithms.base import Algorithm, LocalClient, Tensors, Upload, cpu_clone, weighted_mean
-from pfl.config import Config
+from pfl.schema import Config
 from pfl.errors import ConfigError
 from pfl.models import assign_architectures
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from pfl.algorithms.base import (Algorithm, LocalClient, Tensors, Upload, class_prototypes, cpu_clone, prefixed,
                                  prototype_problem, unprefixed)
-from pfl.config import Field
+from pfl.schema import Field
 
 
 class FedGHClient(LocalClient):
@@ -36,6 +36,7 @@ class FedGH(Algorithm):
         "server_lr": Field("float", 0.01, "learning rate of the server's head training", low=0.0,
                            low_open=True),
     }
+    SEARCH_SPACE = {"fedgh.server_lr": "log:0.001:0.1", "fedgh.server_epochs": "int:1:20"}
 
     def make_client(self, arch: str) -> FedGHClient:
         return FedGHClient(self.private_model(arch), self.cfg, self.spec.transform, self.spec.num_classes)

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from pfl.algorithms.base import (Algorithm, ClientModule, Phase, Tensors, Upload, cpu_clone, prefixed, unprefixed)
 from pfl.algorithms.fml import _known_model, kl_to
-from pfl.config import Config, Field
+from pfl.schema import Config, Field
 from pfl.errors import ConfigError
 
 
@@ -124,6 +124,7 @@ class FedKD(Algorithm):
                             low_open=True),
         "shared_model": Field("str", "cnn5", "architecture of the shared mentee", check=_known_model),
     }
+    SEARCH_SPACE = {"fedkd.energy_start": "0.8:0.95", "fedkd.energy_end": "0.95:0.999"}
 
     @classmethod
     def check_config(cls, cfg: Config) -> None:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from pfl.algorithms.base import Algorithm, LocalClient, Tensors, Upload, class_prototypes, prototype_problem
-from pfl.config import Field
+from pfl.schema import Field
 
 
 class FedProtoClient(LocalClient):
@@ -48,6 +48,7 @@ class FedProtoClient(LocalClient):
 class FedProto(Algorithm):
     name = "fedproto"
     SETTINGS = {"lambda": Field("float", 1.0, "weight of the prototype MSE term", low=0.0)}
+    SEARCH_SPACE = {"fedproto.lambda": "log:0.01:10", "weight_decay": "log:1e-5:1e-2"}
 
     def make_client(self, arch: str) -> FedProtoClient:
         return FedProtoClient(self.private_model(arch), self.cfg, self.spec.transform, self.spec.num_classes)

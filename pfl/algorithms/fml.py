@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from pfl.algorithms.base import (Algorithm, ClientModule, Phase, Tensors, Upload, cpu_clone, prefixed, unprefixed,
                                  weighted_mean)
-from pfl.config import Field
+from pfl.schema import Field
 
 
 def kl_to(target_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -67,6 +67,7 @@ class FML(Algorithm):
                       low=0.0, high=1.0),
         "shared_model": Field("str", "cnn5", "architecture of the shared meme model", check=_known_model),
     }
+    SEARCH_SPACE = {"fml.alpha": "0.1:0.9", "fml.beta": "0.1:0.9"}
 
     def make_client(self, arch: str) -> FMLClient:
         return FMLClient(self.private_model(arch), self.private_model(self.settings["shared_model"]), self.cfg,

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from pfl.algorithms.base import Algorithm, ClientModule, Phase, Tensors, Upload, cpu_clone, weighted_mean
-from pfl.config import Config, Field
+from pfl.schema import Config, Field
 from pfl.errors import ConfigError
 from pfl.models import LoRAAdapter, build_model
 
@@ -127,6 +127,7 @@ class PFedLoRA(Algorithm):
         "inference_adapter": Field("str", "own", "adapter used for personalised evaluation",
                                    choices=("own", "global")),
     }
+    SEARCH_SPACE = {"pfedlora.alpha": "log:4:128", "pfedlora.mu": "0.5:1.0"}
 
     @classmethod
     def check_config(cls, cfg: Config) -> None:

@@ -10,6 +10,8 @@ All are deterministic functions of (labels, settings, seed). Definitions (ALGORI
 - iid: a seeded permutation cut into N near-equal parts.
 The train/test split is stratified per client and class, so both share the client's label distribution;
 a class with a single sample goes to the training side, so every client always has something to train on.
+With `val_fraction` > 0 the training side is split again the same way (its own seeded stream, so the
+partition and the test split do not change): the validation share is never trained on.
 """
 
 from __future__ import annotations
@@ -24,17 +26,33 @@ from pfl.errors import ConfigError
 
 @dataclass
 class ClientData:
-    """One client's private data, uint8 images and int64 labels."""
+    """One client's private data, uint8 images and int64 labels; the validation split is empty unless the
+    recipe asks for one (`val_fraction`)."""
 
     client_id: int
     x_train: torch.Tensor
     y_train: torch.Tensor
     x_test: torch.Tensor
     y_test: torch.Tensor
+    x_val: torch.Tensor | None = None
+    y_val: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.y_val is None:
+            self.x_val = self.x_train[:0]
+            self.y_val = self.y_train[:0]
 
     @property
     def num_train(self) -> int:
         return len(self.y_train)
+
+    def split(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, y) of the "test" or "val" split."""
+        if name == "test":
+            return self.x_test, self.y_test
+        if name == "val":
+            return self.x_val, self.y_val
+        raise ValueError(f"unknown evaluation split {name!r}: 'test' or 'val'")
 
 
 def pathological(labels: np.ndarray, num_clients: int, classes_per_client: int, num_classes: int,
@@ -108,8 +126,9 @@ def split_train_test(indices: np.ndarray, labels: np.ndarray, test_fraction: flo
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
 
 
-def partition_indices(labels: np.ndarray, cfg, num_classes: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Per client (train indices, test indices) into the pooled data set, from the recipe's settings."""
+def partition_indices(labels: np.ndarray, cfg, num_classes: int
+                      ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Per client (train, validation, test) indices into the pooled data set, from the recipe's settings."""
     rng = np.random.default_rng([cfg.seed, 1])
     n = cfg.num_clients
     if n > len(labels):
@@ -125,13 +144,22 @@ def partition_indices(labels: np.ndarray, cfg, num_classes: int) -> list[tuple[n
     if empty:
         raise ConfigError(f"recipe key 'num_clients': {len(empty)} clients got no samples with this partition; "
                           f"lower num_clients or use more data")
-    return [split_train_test(p, labels, cfg.test_fraction, rng) for p in parts]
+    splits = [split_train_test(p, labels, cfg.test_fraction, rng) for p in parts]
+    val_fraction = getattr(cfg, "val_fraction", 0.0)
+    out = []
+    for k, (train, test) in enumerate(splits):
+        val = np.empty(0, dtype=np.int64)
+        if val_fraction > 0:  # its own stream: the partition and the test split are those of val_fraction = 0
+            train, val = split_train_test(train, labels, val_fraction, np.random.default_rng([cfg.seed, 3, k]))
+        out.append((train, val, test))
+    return out
 
 
 def build_clients(dataset, cfg) -> list[ClientData]:
     labels = dataset.y.numpy()
     clients = []
-    for k, (tr, te) in enumerate(partition_indices(labels, cfg, dataset.num_classes)):
-        tr_t, te_t = torch.from_numpy(tr), torch.from_numpy(te)
-        clients.append(ClientData(k, dataset.x[tr_t], dataset.y[tr_t], dataset.x[te_t], dataset.y[te_t]))
+    for k, (tr, va, te) in enumerate(partition_indices(labels, cfg, dataset.num_classes)):
+        tr_t, va_t, te_t = torch.from_numpy(tr), torch.from_numpy(va), torch.from_numpy(te)
+        clients.append(ClientData(k, dataset.x[tr_t], dataset.y[tr_t], dataset.x[te_t], dataset.y[te_t],
+                                  dataset.x[va_t], dataset.y[va_t]))
     return clients

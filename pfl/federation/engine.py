@@ -14,14 +14,14 @@ import math
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Iterator, Protocol
 
 import lightning as L
 import numpy as np
 import torch
 
 from pfl.algorithms.base import Algorithm, ClientModule, Tensors, Upload, payload_bytes, payload_params
-from pfl.config import Config
+from pfl.schema import Config
 from pfl.data.batches import TensorBatches
 from pfl.data.partition import ClientData
 from pfl.errors import PflUserError, RunFailed
@@ -126,7 +126,10 @@ class ClientRunner:
 
 
 class Callbacks:
-    """What a front end (the CLI's progress display, a notebook) hears from a run. All optional."""
+    """What a front end (the CLI's progress display, a notebook, the run directory's writers) hears from a
+    run. All optional. `on_run_start` hands over the run, for callbacks that read its state."""
+
+    def on_run_start(self, run: "FederatedRun") -> None: ...
 
     def on_round_start(self, round_idx: int, sampled: list[int]) -> None: ...
 
@@ -142,6 +145,10 @@ class CallbackList(Callbacks):
 
     def __init__(self, *callbacks: Callbacks | None):
         self.callbacks = [c for c in callbacks if c is not None]
+
+    def on_run_start(self, run):
+        for c in self.callbacks:
+            c.on_run_start(run)
 
     def on_round_start(self, round_idx, sampled):
         for c in self.callbacks:
@@ -256,12 +263,12 @@ class ClientWorker:
         return ClientResult(Upload(client_id, data.num_train, tensors), losses, diagnostics,
                             receive_flops() + flops + upload_flops())
 
-    def evaluate(self, client_id: int, download: Tensors) -> float:
-        """Personalised accuracy of one client on its own test set (the store is not modified)."""
-        data = self.clients[client_id]
+    def evaluate(self, client_id: int, download: Tensors, split: str = "test") -> float:
+        """Personalised accuracy of one client on its own `split` ("test" or "val"); the store is not modified."""
+        x, y = self.clients[client_id].split(split)
         module = self.module_for(client_id)
         module.prepare_eval(download)
-        return self.runner.evaluate(module, data.x_test, data.y_test)
+        return self.runner.evaluate(module, x, y)
 
 
 class NotSent(str):
@@ -272,11 +279,29 @@ class NotSent(str):
 Outcome = ClientResult | str
 
 
-class LocalWorkers:
-    """The `local` engine's dispatcher: every client in this process, one after another."""
+class Workers(Protocol):
+    """The engine, as the round loop sees it. `client_states` yields every (client id, private state) for
+    checkpoints and the run directory, or is None where the states live elsewhere (Flower nodes)."""
 
-    def __init__(self, worker: ClientWorker):
-        self.worker = worker
+    def start(self, initial_global: Tensors) -> None: ...
+
+    def train(self, round_idx: int, downloads: dict[int, Tensors], on_done: Callable[[int], None]
+              ) -> dict[int, Outcome]: ...
+
+    def evaluate(self, downloads: dict[int, Tensors], split: str) -> dict[int, float]: ...
+
+    def client_states(self) -> Iterator[tuple[int, Tensors]] | None: ...
+
+    def restore(self, states: dict[int, Tensors]) -> None: ...
+
+
+class LocalWorkers:
+    """The `local` engine: every client in this process, one after another; it owns the clients' store."""
+
+    def __init__(self, cfg: Config, clients: list[ClientData], architectures: list[str], algorithm: Algorithm,
+                 store, runner: ClientRunner):
+        self.worker = ClientWorker(cfg, clients, architectures, algorithm, store, runner)
+        self.store = store
 
     def start(self, initial_global: Tensors) -> None:
         for k in range(len(self.worker.clients)):
@@ -289,59 +314,71 @@ class LocalWorkers:
             on_done(k)
         return outcomes
 
-    def evaluate(self, downloads: dict[int, Tensors]) -> dict[int, float]:
-        return {k: self.worker.evaluate(k, d) for k, d in downloads.items()}
+    def evaluate(self, downloads: dict[int, Tensors], split: str = "test") -> dict[int, float]:
+        return {k: self.worker.evaluate(k, d, split) for k, d in downloads.items()}
+
+    def client_states(self) -> Iterator[tuple[int, Tensors]]:
+        return ((k, self.store.get(k)) for k in range(len(self.worker.clients)))
+
+    def restore(self, states: dict[int, Tensors]) -> None:
+        for k, state in states.items():
+            self.store.put(k, state)
 
 
 @dataclass
 class RunState:
-    """Everything the loop carries from round to round besides the client store."""
+    """Everything the loop carries from round to round besides the client states: the server state, the
+    metrics rows, and every client's latest test (and validation) accuracy."""
 
     global_state: Tensors
     round: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     last_accuracies: list[float] = field(default_factory=list)
+    last_val_accuracies: list[float] = field(default_factory=list)
+
+    def progress(self) -> dict[str, Any]:
+        """The JSON part of a checkpoint."""
+        return {"history": self.history, "last_accuracies": self.last_accuracies,
+                "last_val_accuracies": self.last_val_accuracies}
 
 
 class FederatedRun:
     """The round loop, the same for every engine: sample, dispatch (`workers`), check every update, let
     the method aggregate the accepted ones, account costs, evaluate. `workers` is the engine: in-process
-    (`LocalWorkers`, the default) or Flower messages (`pfl.flower.FlowerWorkers`)."""
+    (`LocalWorkers`) or Flower messages (`pfl.flower.app.FlowerWorkers`)."""
 
-    def __init__(self, cfg: Config, clients: list[ClientData], architectures: list[str], algorithm: Algorithm,
-                 store=None, runner: ClientRunner | None = None, callbacks: Callbacks | None = None,
-                 workers=None):
+    def __init__(self, cfg: Config, clients: list[ClientData], algorithm: Algorithm, workers: Workers,
+                 callbacks: Callbacks | None = None):
         self.cfg = cfg
         self.clients = clients
-        self.architectures = architectures
         self.algorithm = algorithm
-        self.worker = ClientWorker(cfg, clients, architectures, algorithm, store, runner) if runner else None
-        self.workers = workers if workers is not None else (LocalWorkers(self.worker) if self.worker else None)
+        self.workers = workers
         self.callbacks = callbacks or Callbacks()
         self.state = RunState(global_state={})
 
-    @property
-    def store(self):
-        return self.worker.store
-
-    def module_for(self, client_id: int) -> ClientModule:
-        return self.worker.module_for(client_id)
+    @classmethod
+    def local(cls, cfg: Config, clients: list[ClientData], architectures: list[str], algorithm: Algorithm,
+              store, runner: ClientRunner, callbacks: Callbacks | None = None) -> "FederatedRun":
+        """A run on the local engine: every client in this process, states in `store`."""
+        return cls(cfg, clients, algorithm, LocalWorkers(cfg, clients, architectures, algorithm, store, runner),
+                   callbacks)
 
     # -- set-up -----------------------------------------------------------------------------
     def initialise(self) -> None:
         """Seeded initial server state; the engine initialises every client's private state from it."""
         self.state = RunState(global_state=seeded_initial_global(self.algorithm, self.cfg.seed))
         self.workers.start(self.state.global_state)
+        self.callbacks.on_run_start(self)
 
-    def restore(self, round_idx: int, global_state: Tensors, client_states: dict[int, Tensors],
-                history: list[dict[str, Any]], last_accuracies: list[float]) -> None:
-        """Continue from a checkpoint (pfl.checkpoint): the state after round `round_idx`. Every random
+    def restore(self, checkpoint: dict[str, Any]) -> None:
+        """Continue from a checkpoint (`pfl.checkpoint.load`): the state after its round. Every random
         draw of later rounds is seeded by (seed, round, ...), so nothing else needs restoring."""
-        self.state = RunState(global_state=global_state, round=round_idx, history=list(history),
-                              last_accuracies=list(last_accuracies))
-        for k, state in client_states.items():
-            self.worker.store.put(k, state)
-
+        self.state = RunState(global_state=checkpoint["global_state"], round=checkpoint["round"],
+                              history=list(checkpoint["history"]),
+                              last_accuracies=list(checkpoint["last_accuracies"]),
+                              last_val_accuracies=list(checkpoint.get("last_val_accuracies", [])))
+        self.workers.restore(checkpoint["clients"])
+        self.callbacks.on_run_start(self)
     # -- rounds -----------------------------------------------------------------------------
     def run(self) -> RunState:
         while self.state.round < self.cfg.rounds:
@@ -410,22 +447,34 @@ class FederatedRun:
         record["flops_cumulative"] = previous["flops_cumulative"] + record["flops_client"] + record["flops_server"]
 
         eval_seconds = 0.0
-        if t % self.cfg.eval_every == 0 or t == self.cfg.rounds:
+        evaluated = t % self.cfg.eval_every == 0 or t == self.cfg.rounds
+        if evaluated:
             self.callbacks.on_evaluate_start(t)
             eval_started = time.perf_counter()
-            self.state.last_accuracies = self.evaluate_all()
+            if self.cfg.eval_test:
+                self.state.last_accuracies = self.evaluate_all("test")
+            if self.cfg.val_fraction > 0:
+                self.state.last_val_accuracies = self.evaluate_all("val")
             eval_seconds = time.perf_counter() - eval_started
-            record.update(summarise_accuracies(self.state.last_accuracies, [len(c.y_test) for c in self.clients]))
-        else:
-            record.update(dict.fromkeys(ACCURACY_COLUMNS, math.nan))
+        record.update(self._accuracy_columns("test", "", evaluated and self.cfg.eval_test))
+        if self.cfg.val_fraction > 0:
+            record.update(self._accuracy_columns("val", "val_", evaluated))
         record.update(train_seconds=round(train_seconds, 4), eval_seconds=round(eval_seconds, 4))
         self.state.round = t
         self.state.history.append(record)
         self.callbacks.on_round_end(record)
         return record
 
-    def evaluate_all(self) -> list[float]:
-        """Personalised accuracy of every client on its own test set; NaN for a client that did not answer."""
+    def _accuracy_columns(self, split: str, prefix: str, evaluated: bool) -> dict[str, float]:
+        if not evaluated:
+            return {prefix + c: math.nan for c in ACCURACY_COLUMNS}
+        accs = self.state.last_accuracies if split == "test" else self.state.last_val_accuracies
+        summary = summarise_accuracies(accs, [len(c.split(split)[1]) for c in self.clients])
+        return {prefix + c: v for c, v in summary.items()}
+
+    def evaluate_all(self, split: str = "test") -> list[float]:
+        """Personalised accuracy of every client on its own `split` ("test" or "val"); NaN for a client that
+        did not answer or has no sample in that split."""
         downloads = {k: self.algorithm.download(self.state.global_state, k) for k in range(len(self.clients))}
-        accs = self.workers.evaluate(downloads)
+        accs = self.workers.evaluate(downloads, split)
         return [accs.get(k, math.nan) for k in range(len(self.clients))]

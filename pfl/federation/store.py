@@ -11,7 +11,12 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from pfl.algorithms.base import Tensors
+from pfl.schema import Tensors
+
+
+def client_file(client_id: int) -> str:
+    """The one name of a client's state file, wherever states are written (store, checkpoint, run dir)."""
+    return f"client_{client_id:05d}.safetensors"
 
 
 class MemoryStore:
@@ -36,7 +41,7 @@ class DiskStore:
         self.root.mkdir(parents=True, exist_ok=True)
 
     def _path(self, client_id: int) -> Path:
-        return self.root / f"client_{client_id:05d}.safetensors"
+        return self.root / client_file(client_id)
 
     def put(self, client_id: int, state: Tensors) -> None:
         path = self._path(client_id)

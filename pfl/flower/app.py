@@ -29,9 +29,9 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from pfl.algorithms.base import Tensors, Upload
-from pfl.config import Config
+from pfl.schema import Config
 from pfl.errors import RunFailed
-from pfl.federation.engine import Callbacks, ClientResult, ClientWorker, NotSent, Outcome
+from pfl.federation.engine import ClientResult, ClientWorker, NotSent, Outcome
 
 log = logging.getLogger("pfl")
 
@@ -53,12 +53,12 @@ def from_record(record: ArrayRecord) -> Tensors:
 
 
 def _run_record(cfg: Config, state_dir: str, accelerator: str, precision: str, client_id: int,
-                round_idx: int) -> ConfigRecord:
+                round_idx: int, split: str = "test") -> ConfigRecord:
     import tomli_w
 
     return ConfigRecord({"config": tomli_w.dumps(cfg.as_nested()), "state_dir": state_dir,
                          "accelerator": accelerator, "precision": precision, "client_id": client_id,
-                         "round": round_idx})
+                         "round": round_idx, "split": split})
 
 
 # ---------------------------------------------------------------- client side
@@ -69,8 +69,8 @@ _WORKERS: dict[tuple, ClientWorker] = {}
 def _worker_for(run: ConfigRecord, context: Context) -> tuple[ClientWorker, int]:
     """The node's worker for this run (built once per process: data, partition, method, Trainer)."""
     from pfl import config as config_mod
+    from pfl.build import build
     from pfl.federation import ClientRunner, DiskStore, make_trainer
-    from pfl.run import build
 
     state_dir = str(context.node_config.get("state-dir", "") or run["state_dir"])
     key = (run["config"], state_dir, run["accelerator"], run["precision"])
@@ -111,7 +111,7 @@ def handle_train(msg: Message, context: Context) -> Message:
 
 def handle_evaluate(msg: Message, context: Context) -> Message:
     worker, k = _worker_for(msg.content["run"], context)
-    accuracy = worker.evaluate(k, from_record(msg.content["download"]))
+    accuracy = worker.evaluate(k, from_record(msg.content["download"]), str(msg.content["run"]["split"]))
     return Message(RecordDict({"metrics": MetricRecord({"accuracy": float(accuracy)})}), reply_to=msg)
 
 
@@ -206,7 +206,8 @@ class FlowerWorkers:
                 time.sleep(POLL_SECONDS)
         return replies
 
-    def _messages(self, kind: str, round_idx: int, downloads: dict[int, Tensors]) -> tuple[list[int], list[Message], dict[int, str]]:
+    def _messages(self, kind: str, round_idx: int, downloads: dict[int, Tensors], split: str = "test"
+                  ) -> tuple[list[int], list[Message], dict[int, str]]:
         online = set(self.grid.get_node_ids())
         order, messages, offline = [], [], {}
         for k, download in downloads.items():
@@ -215,7 +216,7 @@ class FlowerWorkers:
                 offline[k] = NotSent("its SuperNode is offline")
                 continue
             content = RecordDict({"run": _run_record(self.cfg, self.state_dir, self.accelerator, self.precision,
-                                                     k, round_idx),
+                                                     k, round_idx, split),
                                   "download": to_record(download)})
             order.append(k)
             messages.append(Message(content, dst_node_id=node, message_type=kind, group_id=str(round_idx)))
@@ -248,8 +249,15 @@ class FlowerWorkers:
             return f"it reports {num_samples} training samples, its partition has {self.clients[k].num_train}"
         return ClientResult(Upload(k, num_samples, tensors), losses, diagnostics, flops)
 
-    def evaluate(self, downloads: dict[int, Tensors]) -> dict[int, float]:
-        order, messages, offline = self._messages("evaluate", -1, downloads)  # -1: not a training round
+    def client_states(self) -> None:
+        """Client states live on the SuperNodes' disks; they are not handed to the server."""
+        return None
+
+    def restore(self, states: dict[int, Tensors]) -> None:
+        raise NotImplementedError("a Flower run cannot be restored from a checkpoint yet")
+
+    def evaluate(self, downloads: dict[int, Tensors], split: str = "test") -> dict[int, float]:
+        order, messages, offline = self._messages("evaluate", -1, downloads, split)  # -1: not a training round
         replies = self._exchange(messages, self.timeout, None)
         accs: dict[int, float] = {}
         for i, k in enumerate(order):
@@ -265,40 +273,6 @@ class FlowerWorkers:
         for k, why in offline.items():
             log.warning("evaluation: client %d has no accuracy (%s)", k, why)
         return accs
-
-
-# ---------------------------------------------------------------- the deployment ServerApp
-
-server_app = ServerApp()
-
-
-@server_app.main()
-def _deployment_main(grid: Grid, context: Context) -> None:
-    """`flwr run` entry point (used by `pfl deploy`): the run config names the resolved recipe file and the
-    output directory; everything else is pfl's usual run."""
-    from pathlib import Path
-
-    from pfl import config as config_mod
-    from pfl.run import Hardware, train
-
-    run_config: dict[str, Any] = dict(context.run_config)
-    raw, source = config_mod.read_recipe_file(str(run_config["config"]))
-    cfg = config_mod.resolve(raw, {"engine": "flower"})
-    hw = Hardware(accelerator=str(run_config.get("accelerator", "cpu")),
-                  precision=str(run_config.get("precision", "32-true")))
-    summary = train(cfg, Path(str(run_config["out"])), hw, recipe_source=source, grid=grid,
-                    expected_nodes=int(run_config.get("num-supernodes", 0)), callbacks=_LogRounds())
-    log.warning("pfl: run finished: final mean accuracy %.4f, written to %s", summary["final"]["acc_mean"],
-                run_config["out"])
-
-
-class _LogRounds(Callbacks):
-    """Progress of a deployed run as log lines (the ServerApp has no terminal of its own)."""
-
-    def on_round_end(self, record):
-        acc = record.get("acc_mean", math.nan)
-        log.warning("pfl: round %d: %d clients, %d dropped, mean accuracy %s", record["round"], record["clients"],
-                    record["clients_dropped"], "-" if math.isnan(acc) else f"{acc:.4f}")
 
 
 def quiet_flower() -> None:
@@ -321,20 +295,22 @@ def quiet_flower() -> None:
         handler.addFilter(_NoDeprecation())
 
 
-def simulate(run, state_dir: str, accelerator: str, precision: str, client_mods: list | None = None,
-             verbose: bool = False):
-    """Run `run` (a FederatedRun) through Flower's simulation runtime (Ray): the ServerApp runs the round
-    loop in a thread of this process, ClientApps run in Ray actors with the recipe's resources."""
+def simulate(make_run, cfg: Config, clients, state_dir: str, accelerator: str, precision: str,
+             client_mods: list | None = None, verbose: bool = False):
+    """Run the rounds through Flower's simulation runtime (Ray): the ServerApp runs the round loop, built by
+    `make_run(workers)` around this simulation's `FlowerWorkers`, in a thread of this process; ClientApps
+    run in Ray actors with the recipe's resources. Returns the finished FederatedRun."""
     quiet_flower()
     from flwr.simulation import run_simulation
 
-    cfg = run.cfg
     num_nodes = cfg["flower.num_supernodes"] or cfg.num_clients
     app = ServerApp()
+    runs = []
 
     @app.main()
     def _main(grid: Grid, context: Context) -> None:
-        run.workers = FlowerWorkers(grid, cfg, run.clients, state_dir, accelerator, precision, num_nodes)
+        run = make_run(FlowerWorkers(grid, cfg, clients, state_dir, accelerator, precision, num_nodes))
+        runs.append(run)
         run.initialise()
         run.run()
 
@@ -349,6 +325,7 @@ def simulate(run, state_dir: str, accelerator: str, precision: str, client_mods:
 
         if ray.is_initialized():
             ray.shutdown()
-    if run.state.round < cfg.rounds:
-        raise RunFailed(f"the Flower simulation ended after {run.state.round} of {cfg.rounds} rounds")
-    return run.state
+    done = runs[0].state.round if runs else 0
+    if done < cfg.rounds:
+        raise RunFailed(f"the Flower simulation ended after {done} of {cfg.rounds} rounds")
+    return runs[0]

@@ -40,7 +40,7 @@ dependencies = []
 publisher = "pfl"
 
 [tool.flwr.app.components]
-serverapp = "pfl.flower.app:server_app"
+serverapp = "pfl.flower.server:server_app"
 clientapp = "pfl.flower.app:client_app"
 
 [tool.flwr.app.config]
@@ -226,7 +226,7 @@ def deploy(cfg, out: Path, supernodes: int, accelerator: str = "cpu", precision:
     Returns `out`. Raises RunFailed (with the logs' location) when the run did not complete."""
     import tomli_w
 
-    from pfl.run import prepare_output
+    from pfl.rundir import prepare_output
 
     out = out.expanduser().absolute()
     prepare_output(out)

@@ -1,0 +1,45 @@
+"""The ServerApp of a Flower deployment (`flwr run`, started by `pfl deploy`): pfl's usual run
+(pfl.run.train) with the deployment's Grid as its engine. It sits above pfl.run, which the rest of
+pfl.flower sits below."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from pfl import config as config_mod
+from pfl.federation import Callbacks
+from pfl.run import Hardware, train
+
+log = logging.getLogger("pfl")
+
+server_app = ServerApp()
+
+
+@server_app.main()
+def _deployment_main(grid: Grid, context: Context) -> None:
+    """`flwr run` entry point: the run config names the resolved recipe file and the output directory;
+    everything else is pfl's usual run."""
+    run_config: dict[str, Any] = dict(context.run_config)
+    raw, source = config_mod.read_recipe_file(str(run_config["config"]))
+    cfg = config_mod.resolve(raw, {"engine": "flower"})
+    hw = Hardware(accelerator=str(run_config.get("accelerator", "cpu")),
+                  precision=str(run_config.get("precision", "32-true")))
+    summary = train(cfg, Path(str(run_config["out"])), hw, recipe_source=source, grid=grid,
+                    expected_nodes=int(run_config.get("num-supernodes", 0)), callbacks=LogRounds())
+    log.warning("pfl: run finished: final mean accuracy %.4f, written to %s", summary["final"]["acc_mean"],
+                run_config["out"])
+
+
+class LogRounds(Callbacks):
+    """Progress of a deployed run as log lines (the ServerApp has no terminal of its own)."""
+
+    def on_round_end(self, record):
+        acc = record.get("acc_mean", math.nan)
+        log.warning("pfl: round %d: %d clients, %d dropped, mean accuracy %s", record["round"], record["clients"],
+                    record["clients_dropped"], "-" if math.isnan(acc) else f"{acc:.4f}")

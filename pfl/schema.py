@@ -1,0 +1,137 @@
+"""The schema's building blocks: a recipe key (`Field`), a validated recipe (`Config`), a payload (`Tensors`).
+
+This module imports nothing of pfl but its error types, so that the methods (which declare their own keys)
+and the recipe reader (which needs the methods' keys) can both import it without importing each other.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from pfl.errors import ConfigError
+
+# What travels between clients and server and what a state file holds: named tensors.
+Tensors = dict[str, torch.Tensor]
+
+NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "fmnist": 10}
+
+
+@dataclass(frozen=True)
+class Field:
+    """One recipe key: its type ('int', 'float', 'str', 'bool', 'list[str]', 'list[int]'), default,
+    an optional check returning an error text (None when fine), and a one-line help."""
+
+    kind: str
+    default: Any
+    help: str
+    choices: tuple[str, ...] | None = None
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # True: value must be > low instead of >= low
+    check: Callable[[Any], str | None] | None = None
+
+    def describe(self) -> str:
+        if self.choices:
+            return "one of " + ", ".join(self.choices)
+        bounds = []
+        if self.low is not None:
+            bounds.append(("> " if self.low_open else ">= ") + _fmt(self.low))
+        if self.high is not None:
+            bounds.append("<= " + _fmt(self.high))
+        what = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
+                "list[str]": "a list of strings", "list[int]": "a list of integers"}[self.kind]
+        return what + (" " + " and ".join(bounds) if bounds else "")
+
+    def coerce(self, key: str, value: Any) -> Any:
+        def bad(reason: str | None = None) -> ConfigError:
+            got = reason or f"got {value!r}"
+            return ConfigError(f"recipe key '{key}': must be {self.describe()}, {got}")
+
+        if self.kind == "int":
+            if isinstance(value, bool) or not isinstance(value, int):
+                if isinstance(value, float) and value.is_integer():
+                    value = int(value)
+                else:
+                    raise bad()
+        elif self.kind == "float":
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise bad()
+            value = float(value)
+            if not math.isfinite(value):
+                raise bad()
+        elif self.kind == "str":
+            if not isinstance(value, str):
+                raise bad()
+        elif self.kind == "bool":
+            if not isinstance(value, bool):
+                raise bad()
+        elif self.kind in ("list[str]", "list[int]"):
+            item = str if self.kind == "list[str]" else int
+            if not isinstance(value, list) or not value or not all(
+                isinstance(v, item) and not isinstance(v, bool) for v in value
+            ):
+                raise bad()
+        if self.choices is not None:
+            items = value if isinstance(value, list) else [value]
+            for v in items:
+                if v not in self.choices:
+                    raise bad()
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            raise bad()
+        if self.high is not None and value > self.high:
+            raise bad()
+        if self.check is not None:
+            reason = self.check(value)
+            if reason:
+                raise bad(reason)
+        return value
+
+
+def _fmt(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+
+class Config:
+    """A validated recipe: flat dotted keys; attribute access for top-level keys."""
+
+    def __init__(self, values: dict[str, Any]):
+        object.__setattr__(self, "_values", dict(values))
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self._values[key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+    def __getitem__(self, key: str) -> Any:
+        return self._values[key]
+
+    def table(self, prefix: str) -> dict[str, Any]:
+        """The settings under `prefix.` (e.g. a method's own settings) without the prefix."""
+        p = prefix + "."
+        return {k[len(p):]: v for k, v in self._values.items() if k.startswith(p)}
+
+    @property
+    def num_classes(self) -> int:
+        if self.dataset == "synthetic":
+            return self._values["synthetic.num_classes"]
+        return NUM_CLASSES[self.dataset]
+
+    def as_flat(self) -> dict[str, Any]:
+        return dict(self._values)
+
+    def as_nested(self) -> dict[str, Any]:
+        """Nested form for writing TOML: dotted keys become tables."""
+        out: dict[str, Any] = {}
+        for key, value in self._values.items():
+            node = out
+            *parents, leaf = key.split(".")
+            for p in parents:
+                node = node.setdefault(p, {})
+            node[leaf] = value
+        return out
