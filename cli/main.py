@@ -445,7 +445,6 @@ def compare(
 
                 studies = tune_mod.plan_comparison(recipe, set_ or [], names, seed, tune_trials, tune_rounds,
                                                    out.expanduser().absolute())
-                cmp.check_reuse(out, runs)
                 console.print(f"[bold]pfl compare[/] tuning {', '.join(names)}: {tune_trials} trials each, "
                               f"{studies[0].rounds} rounds per trial, objective: {tune_mod.OBJECTIVE_TEXT}")
                 tuned = {}
@@ -496,6 +495,80 @@ def compare(
                           f"retry them (interrupted ones resume from their newest checkpoint)", markup=False,
                           highlight=False, soft_wrap=True)
         raise typer.Exit(code=1)
+
+
+@app.command()
+def tune(
+    recipe: str = typer.Option(..., "--recipe", "-r", help="bundled recipe name or a .toml path"),
+    method: str = typer.Option(..., "--method", "-m", help="the method to tune"),
+    space: Optional[List[str]] = typer.Option(None, "--space", help="a tuned key: KEY=SPEC with SPEC LOW:HIGH, "
+                                              "log:LOW:HIGH, int:LOW:HIGH, int:log:LOW:HIGH or V1,V2,...; "
+                                              "default: the method's own search space"),
+    trials: int = typer.Option(12, "--trials", "-t", help="trials in the study (a rerun continues it up to this)"),
+    seeds: int = typer.Option(1, "--seeds", help="seeds per trial; the objective is their mean"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="first seed, and the sampler's (default: the recipe's)"),
+    rounds: Optional[int] = typer.Option(None, "--rounds", help="rounds per trial (default: the recipe's)"),
+    val_fraction: Optional[float] = typer.Option(None, "--val-fraction", help="share of each client's training "
+                                                 "data held out for validation (default: the recipe's, else 0.2)"),
+    set_: Optional[List[str]] = typer.Option(None, "--set", "-s", help="override a recipe key: key=value"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="tune directory; the same command continues it"),
+    jobs: int = typer.Option(1, "--jobs", "-j", help=JOBS_HELP),
+    cpus_per_run: Optional[float] = typer.Option(None, "--cpus-per-run", help=CPUS_HELP),
+    gpus_per_run: float = typer.Option(0.0, "--gpus-per-run", help=GPUS_HELP),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help=RAY_HELP),
+    precision: str = typer.Option("32-true", "--precision"),
+    accelerator: str = typer.Option("cpu", "--accelerator"),
+    devices: str = typer.Option("1", "--devices"),
+) -> None:
+    """Tune a method's hyperparameters on validation data (Optuna: TPE sampler, median pruner); the test
+    split is never read. Writes best.toml (a complete recipe), trials.csv and two plots."""
+    _interrupt_on_sigterm()
+    from pfl import tune as tune_mod
+    from pfl.errors import PflUserError, RunFailed
+    from pfl.run import Hardware
+
+    try:
+        hw = Hardware(accelerator, _parse_devices(devices), precision)
+        resources = _resources(jobs, cpus_per_run, gpus_per_run, ray_address, hw)
+        base_name = Path(recipe).stem
+        target = out or Path("runs") / f"tune-{base_name}-{method}"
+        plan = tune_mod.plan_tune(recipe, set_ or [], method, space, trials, seeds, seed, rounds, val_fraction,
+                                  target)
+        console.print(f"[bold]pfl tune[/] {method}: {trials} trials x {seeds} seed(s) x {plan.rounds} rounds, "
+                      f"{resources.jobs} run(s) at once; space: "
+                      + ", ".join(f"{k}={d.spec()}" for k, d in plan.space.items())
+                      + f"; objective: {tune_mod.OBJECTIVE_TEXT} -> {plan.out}", highlight=False, soft_wrap=True)
+        with _progress() as progress:
+            display = RunsProgress(progress, trials * seeds, "trial runs")
+            result = tune_mod.run_study(plan, hw, resources, display.on_event, display.on_outcome)
+    except PflUserError as exc:
+        _fail(str(exc))
+    except RunFailed as exc:
+        err_console.print(f"tune failed: {exc}", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(code=1) from None
+    except (KeyboardInterrupt, SystemExit):
+        err_console.print("interrupted: every worker was stopped; the same command continues the study "
+                          "(interrupted trials resume from their newest checkpoint)")
+        raise typer.Exit(code=130) from None
+    _print_tune(result)
+    console.print("written: " + ", ".join(str(p) for p in result.written), highlight=False, soft_wrap=True)
+
+
+def _print_tune(result) -> None:
+    plan = result.plan
+    table = Table(title=f"pfl tune {plan.method}: {len(result.rows)} trials, objective = validation accuracy")
+    for col in ("trial", "state", "objective", *plan.space, "rounds run"):
+        table.add_column(col, justify="left" if col == "state" else "right")
+    for r in result.rows:
+        shown = "-" if math.isnan(r["objective"]) else f"{100 * r['objective']:.2f}%"
+        if r["trial"] == result.best_trial:
+            shown += " (best)"
+        table.add_row(str(r["trial"]), r["state"], shown,
+                      *[f"{r[k]:.4g}" if isinstance(r[k], float) else str(r[k]) for k in plan.space],
+                      str(r["rounds_run"]))
+    (console if console.is_terminal else Console(width=max(console.width, 160))).print(table)
+    console.print(f"best: trial {result.best_trial}, validation accuracy {100 * result.best_objective:.2f}%: "
+                  + ", ".join(f"{k}={v}" for k, v in result.best_values.items()), highlight=False, soft_wrap=True)
 
 
 @app.command()

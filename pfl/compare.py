@@ -28,6 +28,7 @@ import numpy as np
 
 from pfl import config as config_mod
 from pfl.algorithms import ALGORITHMS, PAPER_METHODS
+from pfl.config import HYPERPARAMETERS
 from pfl.parallel import RunOutcome, RunSpec, check_reusable, finished, run_all
 from pfl.rundir import load_run_config
 from pfl.schema import Config
@@ -39,9 +40,8 @@ REFERENCE = "pfedlora"
 # a Flower run of a recipe computes what a local run does.
 _FREE_KEYS = {"method", "seed", "name", "description", "data_dir", "download", "store", "engine",
               "checkpoint_every"}
-# A method's hyperparameters: each method may run with its own (tuned) values, the same for all its seeds;
-# values that differ between methods are listed with the table.
-HYPERPARAMETERS = ("lr", "momentum", "weight_decay", "grad_clip", "local_epochs", "batch_size")
+# A method's hyperparameters (config.HYPERPARAMETERS and its own table): each method may run with its own
+# (tuned) values, the same for all its seeds; values that differ between methods are listed with the table.
 
 
 @dataclass

@@ -93,6 +93,11 @@ SCHEMA: dict[str, Field] = {
                              low=0.0),
 }
 
+# Keys a method may set differently from another in a comparison, and that `pfl tune` may search (with the
+# method's own table); every other key is the protocol, the same for every run of a comparison.
+HYPERPARAMETERS = ("lr", "momentum", "weight_decay", "grad_clip", "local_epochs", "batch_size")
+
+
 def full_schema(methods: Mapping[str, Any] = ALGORITHMS) -> dict[str, Field]:
     """The top-level schema plus every registered method's table (`<method>.<key>`)."""
     schema = dict(SCHEMA)

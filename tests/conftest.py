@@ -2,6 +2,7 @@ import io
 import os
 import pickle
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,39 @@ from pfl import config  # noqa: E402
 from pfl.federation.engine import quiet_lightning  # noqa: E402
 
 quiet_lightning()
+
+FLOWER_MARKERS = ("flower-superlink", "flower-supernode", "flower-superexec", "flwr-serverapp", "flwr-clientapp",
+                  "raylet", "gcs_server", "ray::", "ray/_private", "ray/dashboard")
+
+
+def flower_processes() -> list[str]:
+    """Live (non-zombie) processes of Flower or Ray on this machine."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if stat[stat.rfind(")") + 2] == "Z":
+            continue
+        if any(m in cmdline for m in FLOWER_MARKERS):
+            found.append(f"{entry}: {cmdline[:120]}")
+    return found
+
+
+@pytest.fixture
+def no_ray_left():
+    """The test starts and ends with no Ray (or Flower) process alive."""
+    assert flower_processes() == []
+    yield
+    deadline = time.monotonic() + 15
+    while flower_processes() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert flower_processes() == []
+
 
 SMOKE = {
     "dataset": "synthetic", "partition": "pathological", "classes_per_client": 2, "num_clients": 4,

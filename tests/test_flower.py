@@ -27,32 +27,10 @@ from pfl.federation import ClientRunner, FederatedRun, MemoryStore, make_trainer
 from pfl.federation.engine import LocalWorkers  # noqa: E402
 from pfl.flower.deploy import descendants  # noqa: E402
 from pfl.run import Hardware, build, train  # noqa: E402
-from tests.conftest import SMOKE  # noqa: E402
+from tests.conftest import SMOKE, flower_processes  # noqa: E402
 
 pytestmark = pytest.mark.flower
 REPO = Path(__file__).resolve().parents[1]
-FLOWER_MARKERS = ("flower-superlink", "flower-supernode", "flower-superexec", "flwr-serverapp", "flwr-clientapp",
-                  "raylet", "gcs_server", "ray::", "ray/_private", "ray/dashboard")
-
-
-def flower_processes() -> list[str]:
-    """Live (non-zombie) processes of Flower or Ray on this machine."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if stat[stat.rfind(")") + 2] == "Z":
-            continue
-        if any(m in cmdline for m in FLOWER_MARKERS):
-            found.append(f"{entry}: {cmdline[:120]}")
-    return found
-
-
 @pytest.fixture(autouse=True)
 def nothing_left_running(monkeypatch):
     """Every test starts and ends with no Flower or Ray process alive; Ray workers can import the tests'
