@@ -155,7 +155,6 @@ def train(
 
 
 def _interrupted(target) -> None:
-    from pfl import run as run_mod
     from pfl import rundir
 
     found = rundir.resumable(target) if target is not None else None
@@ -170,7 +169,6 @@ def _interrupted(target) -> None:
 def _resume(run_dir: Path, recipe, set_, out, seed, engine) -> None:
     from pfl.errors import PflUserError, RunFailed
     from pfl import run as run_mod
-    from pfl import rundir
 
     given = [name for name, value in (("--recipe", recipe), ("--set", set_), ("--out", out), ("--seed", seed),
                                       ("--engine", engine)) if value]

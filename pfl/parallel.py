@@ -13,12 +13,12 @@ resumed from its newest checkpoint, anything else is trained. A run that fails f
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
-import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -29,6 +29,7 @@ from pfl import rundir
 from pfl.build import Hardware, check_hardware
 from pfl.errors import PflUserError, RunDirError, RunFailed, RunStopped
 from pfl.federation import CallbackList, Callbacks
+from pfl.run import resume, train
 from pfl.schema import Config
 
 log = logging.getLogger("pfl")
@@ -139,8 +140,6 @@ def _remove_staging(run_dir: Path) -> None:
 def execute_run(spec: RunSpec, hw: Hardware, threads: int | None, emit: Callable[[dict], None] | None = None
                 ) -> RunOutcome:
     """Reuse, resume or train one run; never raises for a failure of the run itself."""
-    from pfl.run import resume, train
-
     if threads:
         torch.set_num_threads(threads)
     d, cfg = spec.run_dir, spec.cfg
@@ -169,8 +168,6 @@ def execute_run(spec: RunSpec, hw: Hardware, threads: int | None, emit: Callable
 
 
 def _summary(run_dir: Path) -> dict[str, Any]:
-    import json
-
     return json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
 
 

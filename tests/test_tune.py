@@ -4,7 +4,6 @@ that continues where it stopped without repeating trials, pruning of a lagging t
 import csv
 import json
 import math
-import os
 import signal
 import subprocess
 import time
@@ -176,3 +175,21 @@ def test_compare_tunes_every_method_with_the_same_budget_then_runs_the_seeds(tmp
     res = pfl(*args)  # everything reused
     assert res.returncode == 0, res.stderr
     assert res.stdout.count("reusing finished run") == 4
+
+
+def test_a_validation_split_is_recorded_beside_the_test_split(tmp_path, make_cfg):
+    from pfl.run import train
+
+    plain = train(make_cfg(), tmp_path / "plain", Hardware())
+    cfg = make_cfg({"val_fraction": 0.25})
+    summary = train(cfg, tmp_path / "val", Hardware())
+    metrics = rows(tmp_path / "val" / "metrics.csv")
+    assert all(0 < float(r["val_acc_mean"]) <= 1 and r["acc_mean"] for r in metrics)
+    assert summary["validation"]["fraction"] == 0.25 and summary["validation"]["final"]["round"] == 2
+    per_client = rows(tmp_path / "val" / "per_client.csv")
+    before = rows(tmp_path / "plain" / "per_client.csv")
+    for mine, theirs in zip(per_client, before):
+        assert mine["num_test"] == theirs["num_test"]  # the same test split
+        assert int(mine["num_train"]) + int(mine["num_val"]) == int(theirs["num_train"])
+        assert abs(int(mine["num_val"]) / int(theirs["num_train"]) - 0.25) < 0.05
+    assert "val_acc_mean" not in rows(tmp_path / "plain" / "metrics.csv")[0] and "validation" not in plain

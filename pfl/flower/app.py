@@ -18,10 +18,8 @@ where the node keeps the data set).
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
-from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
