@@ -487,7 +487,7 @@ def plot_study(plan: StudyPlan, rows: list[dict[str, Any]], best_number: int) ->
     ax.set_ylabel("validation accuracy (%)")
     ax.set_title(f"pfl tune {plan.method}: objective per trial (best: trial {best_number})", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     fig.savefig(paths[0])
     plt.close(fig)

@@ -135,10 +135,15 @@ BAD = [
 
 
 @pytest.mark.parametrize("args, message", BAD, ids=[" ".join(a) for a, _ in BAD])
-def test_bad_tune_input_exits_2_with_one_line_and_writes_nothing(tmp_path, args, message):
+def test_bad_tune_input_exits_2_with_one_line_and_writes_nothing(tmp_path, monkeypatch, args, message):
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    monkeypatch.chdir(tmp_path)
     base = ["tune", "--recipe", "smoke"] + ([] if "--method" in args else ["--method", "pfedlora"])
-    res = pfl(*base, *args, "--out", str(tmp_path / "out"), cwd=tmp_path)
-    assert res.returncode == 2, (res.stdout, res.stderr)
+    res = CliRunner().invoke(app, [*base, *args, "--out", str(tmp_path / "out")])
+    assert res.exit_code == 2, (res.stdout, res.stderr, res.exception)
     lines = [line for line in res.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], res.stderr
     assert list(tmp_path.iterdir()) == []
