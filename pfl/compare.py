@@ -17,6 +17,7 @@ what pFedLoRA needed (the paper's "7.41x less communication").
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -341,10 +342,12 @@ def _atomic_write(path: Path, text: str) -> None:
 def write_outputs(out: Path, records: list[RunRecord], rows: list[dict[str, Any]]) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     columns = list(rows[0])
-    lines = [",".join(columns)]
-    for r in rows:
-        lines.append(",".join("" if isinstance(r[c], float) and math.isnan(r[c]) else str(r[c]) for c in columns))
-    _atomic_write(out / "comparison.csv", "\n".join(lines) + "\n")
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=columns, lineterminator="\n")  # quotes cells with commas
+    writer.writeheader()
+    writer.writerows({c: "" if isinstance(r[c], float) and math.isnan(r[c]) else r[c] for c in columns}
+                     for r in rows)
+    _atomic_write(out / "comparison.csv", text.getvalue())
     md = ["# Comparison\n", describe(records) + "\n",
           f"Accuracy: mean ± std over seeds (sample std); `final - {REFERENCE}`: per-seed (paired: same "
           f"partition and initial draws) difference in points, mean over the seeds both ran with its 95% "
