@@ -153,7 +153,7 @@ def test_every_method_has_a_default_space_of_the_same_size(tmp_path):
     from pfl.algorithms import ALGORITHMS
 
     sizes = set()
-    for name, algorithm in ALGORITHMS.items():
+    for name in ALGORITHMS:
         recipe = {"fedavg": ["model_setting=homogeneous"]}.get(name, [])
         plan = tune.plan_tune("smoke", recipe, name, None, 2, 1, None, 1, None, tmp_path / name)
         assert "lr" in plan.space
