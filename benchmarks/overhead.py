@@ -36,7 +36,7 @@ from pfl.algorithms.base import cpu_clone
 from pfl.data import TensorBatches
 from pfl.federation import ClientRunner, FederatedRun, MemoryStore, make_trainer
 from pfl.federation.engine import sample_clients
-from pfl.federation.seeding import derive_seed
+from pfl.seeding import derive_seed
 from pfl.build import build
 
 

@@ -606,6 +606,38 @@ def recipes(
     console.print(table)
 
 
+@app.command()
+def models(
+    recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="size the models for this recipe's input, "
+                                         "classes and representation_dim, and list its zoo (default: every model, "
+                                         "Fashion-MNIST-sized input)"),
+    set_: Optional[List[str]] = typer.Option(None, "--set", "-s", help="override a recipe key"),
+    all_: bool = typer.Option(False, "--all", help="with --recipe: every registered model, not only its zoo"),
+) -> None:
+    """List the model zoo: parameters and forward FLOPs per sample of each architecture for the recipe's input."""
+    from pfl import config
+    from pfl.errors import PflUserError
+    from pfl.models import MODEL_REGISTRY, ZOOS, describe_model
+
+    try:
+        cfg, _ = config.load(recipe, set_ or []) if recipe else (config.resolve({"dataset": "fmnist"}, {}), "")
+    except PflUserError as exc:
+        _fail(str(exc))
+    names = list(MODEL_REGISTRY) if all_ or not recipe else list(dict.fromkeys(cfg.model_zoo))
+    shape, classes, d = cfg.image_shape, cfg.num_classes, cfg.representation_dim
+    zoos = {n: [z for z, members in ZOOS.items() if n in members] for n in names}
+    table = Table(title=f"models for input {list(shape)}, {classes} classes, d={d}")
+    for col, justify in (("model", "left"), ("params", "right"), ("phi", "right"), ("head", "right"),
+                         ("MFLOPs", "right"), ("zoos", "left")):
+        table.add_column(col, justify=justify, no_wrap=col != "zoos")
+    table.caption = "MFLOPs: forward pass of one sample (measured); zoos: the named zoos that include the model"
+    for name in names:
+        info = describe_model(name, shape, classes, d)
+        table.add_row(name, f"{info['params']:,}", f"{info['phi_params']:,}", f"{info['head_params']:,}",
+                      f"{info['forward_flops'] / 1e6:,.1f}", ", ".join(zoos[name]))
+    console.print(table)
+
+
 def main() -> None:  # pragma: no cover - entry for `python -m cli.main`
     app()
 

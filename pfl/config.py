@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 from pfl.algorithms import ALGORITHMS
 from pfl.errors import ConfigError
-from pfl.models import MODEL_REGISTRY
+from pfl.models import MODEL_REGISTRY, ZOOS
 from pfl.schema import Config, Field
 
 __all__ = ["Config", "Field", "SCHEMA", "full_schema", "load", "resolve", "from_toml", "read_recipe_file",
@@ -60,11 +60,17 @@ SCHEMA: dict[str, Field] = {
     "grad_clip": Field("float", 50.0, "gradient-norm clip (0 turns it off)", low=0.0),
     "model_setting": Field("str", "heterogeneous", "client k gets zoo[k mod len(zoo)] or all zoo[0]",
                            choices=("heterogeneous", "homogeneous")),
-    "model_zoo": Field("list[str]", ["cnn1", "cnn2", "cnn3", "cnn4", "cnn5"], "architectures, in order"),
+    "model_zoo": Field("list[str]", ZOOS["paper-cnn"], "architectures, in order, or a zoo's name (paper-cnn: the "
+                       "paper's five CNNs; htfe8: a CNN, GoogLeNet, MobileNetV2, ResNet-18/34/50/101/152; "
+                       "mixed-small: CNN-1, ResNet-18, MobileNetV3-small, ShuffleNetV2, a small ViT)", named=ZOOS),
     "representation_dim": Field("int", 500, "d, size of the representation shared by the zoo", low=1),
     "augment": Field("bool", False, "random crop (pad 4) and horizontal flip while training"),
     "eval_every": Field("int", 1, "evaluate every client every this many rounds (and after the last)",
                         low=1),
+    "evaluate_at": Field("str", "after_training", "what a round's evaluation tests: each client's model as it "
+                         "last trained, or what it holds after receiving the next round's download, before "
+                         "training (the field's benchmark library; docs/algorithms.md)",
+                         choices=("after_training", "round_start")),
     "seed": Field("int", 0, "one seed for partition, sampling, init and data order", low=0),
     "method": Field("str", "pfedlora", "the federated method"),
     "target_accuracy": Field("float", 0.0, "mean accuracy at which the to-target costs (rounds, bytes, FLOPs) "

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -18,6 +18,7 @@ from pfl.errors import ConfigError
 Tensors = dict[str, torch.Tensor]
 
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "fmnist": 10}
+IMAGE_SHAPES = {"cifar10": (3, 32, 32), "cifar100": (3, 32, 32), "fmnist": (1, 28, 28)}
 
 
 @dataclass(frozen=True)
@@ -33,8 +34,11 @@ class Field:
     high: float | None = None
     low_open: bool = False  # True: value must be > low instead of >= low
     check: Callable[[Any], str | None] | None = None
+    named: Mapping[str, Any] | None = None  # names that stand for a value (a zoo name for its list of models)
 
     def describe(self) -> str:
+        if self.named:
+            return f"a list of strings or one of {', '.join(self.named)}"
         if self.choices:
             return "one of " + ", ".join(self.choices)
         bounds = []
@@ -51,6 +55,10 @@ class Field:
             got = reason or f"got {value!r}"
             return ConfigError(f"recipe key '{key}': must be {self.describe()}, {got}")
 
+        if self.named and isinstance(value, str):
+            if value not in self.named:
+                raise bad()
+            value = list(self.named[value])
         if self.kind == "int":
             if isinstance(value, bool) or not isinstance(value, int):
                 if isinstance(value, float) and value.is_integer():
@@ -121,6 +129,12 @@ class Config:
         if self.dataset == "synthetic":
             return self._values["synthetic.num_classes"]
         return NUM_CLASSES[self.dataset]
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        if self.dataset == "synthetic":
+            return tuple(self._values["synthetic.image_shape"])
+        return IMAGE_SHAPES[self.dataset]
 
     def as_flat(self) -> dict[str, Any]:
         return dict(self._values)

@@ -46,7 +46,7 @@ from pfl.build import Hardware
 from pfl.config import HYPERPARAMETERS
 from pfl.errors import ConfigError, RunDirError, RunFailed, RunStopped
 from pfl.federation import Callbacks
-from pfl.federation.seeding import derive_seed
+from pfl.seeding import derive_seed
 from pfl.parallel import Resources, RunOutcome, RunSpec, run_all
 from pfl.schema import Config
 

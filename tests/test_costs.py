@@ -59,7 +59,7 @@ def test_flop_meter_counts_full_and_partial_batches(make_cfg):
     x, y = torch.randint(0, 256, (10, 1, 28, 28), dtype=torch.uint8), torch.arange(10) % 10
     per_sample = step_flops(module, "local", x[:1], y[:1])
     meter = FlopMeter()
-    assert meter.phase_flops(module, "cnn1", "local", 2, x, y, batch_size=4) == 2 * 10 * per_sample
+    assert meter.phase_flops(module, "cnn1", "local", 2, x, y, [4, 4, 2]) == 2 * 10 * per_sample
 
 
 def test_first_reaching_reads_cumulative_costs_at_the_first_round_at_or_above_target():

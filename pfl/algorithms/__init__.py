@@ -1,19 +1,22 @@
-"""Federated methods, one file each, registered by name (the recipe's `method`)."""
+"""Federated methods, one file each, registered by name (the recipe's `method`).
 
-from pfl.algorithms.base import Algorithm, ClientModule, Phase, TaskSpec, Upload
-from pfl.algorithms.fedavg import FedAvg
-from pfl.algorithms.fedgh import FedGH
-from pfl.algorithms.fedkd import FedKD
-from pfl.algorithms.fedproto import FedProto
-from pfl.algorithms.fml import FML
-from pfl.algorithms.lg_fedavg import LGFedAvg
-from pfl.algorithms.pfedlora import PFedLoRA
-from pfl.algorithms.standalone import Standalone
+Every module of this package is imported here and registers its method with `@register`, so adding a
+method is adding one file.
+"""
 
-ALGORITHMS: dict[str, type[Algorithm]] = {
-    cls.name: cls for cls in (PFedLoRA, Standalone, LGFedAvg, FML, FedKD, FedProto, FedGH, FedAvg)
-}
+import importlib
+import pkgutil
+
+from pfl.algorithms.base import ALGORITHMS, Algorithm, ClientModule, Phase, Settings, TaskSpec, Upload, register
+
+for _module in pkgutil.iter_modules(__path__):
+    if _module.name != "base":
+        importlib.import_module(f"{__name__}.{_module.name}")
+
 # The comparison of the paper: pFedLoRA against the six model-heterogeneous baselines.
 PAPER_METHODS = ("pfedlora", "standalone", "lg_fedavg", "fml", "fedkd", "fedproto", "fedgh")
+# The later model-heterogeneous methods (docs/algorithms.md), four of them by pFedLoRA's authors.
+LATER_METHODS = ("fd", "fedtgp", "fedmrl", "pfedes", "fedssa", "pfedafm")
 
-__all__ = ["ALGORITHMS", "PAPER_METHODS", "Algorithm", "ClientModule", "Phase", "TaskSpec", "Upload"]
+__all__ = ["ALGORITHMS", "LATER_METHODS", "PAPER_METHODS", "Algorithm", "ClientModule", "Phase", "Settings",
+           "TaskSpec", "Upload", "register"]

@@ -7,14 +7,18 @@ An engine (the in-process loop today, Flower later) drives every method through 
     uploads.append(Upload(k, n_k, module.upload(x_k, y_k))); store[k] = module.private_state()
     global_state = algorithm.aggregate(global_state, uploads)
 
-A method's training step is a pure function of its modules' parameters and a batch (no hidden state),
-so that a future engine can vmap it over many clients of one architecture.
+A method is one file: it declares its recipe keys as a frozen `Settings` dataclass, subclasses
+`ClientModule` and `Algorithm`, and registers itself with `@register`; the package imports every module in
+it, so nothing else is edited to add a method.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import typing
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar, TypeVar
 
 import lightning as L
 import torch
@@ -24,6 +28,43 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from pfl.data.batches import BatchTransform
 from pfl.schema import Config, Field, Tensors
+
+
+_KINDS = {int: "int", float: "float", str: "str", bool: "bool"}
+
+
+def setting(default: Any, help: str, *, key: str | None = None, choices: tuple[str, ...] | None = None,
+            low: float | None = None, high: float | None = None, low_open: bool = False,
+            check: Callable[[Any], str | None] | None = None) -> Any:
+    """A method's setting: a field of its `Settings` dataclass that is also the recipe key `<method>.<key>`
+    (`key` defaults to the field's name; give it where the recipe's name is not an identifier: `lambda`)."""
+    spec = {"help": help, "key": key, "choices": choices, "low": low, "high": high, "low_open": low_open,
+            "check": check}
+    return dataclasses.field(default=default, metadata={"pfl": spec})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """A method's own recipe keys, typed and read-only: `self.settings.rank`, never `settings["rank"]`.
+    A method subclasses it (still `@dataclass(frozen=True)`) with one `setting(...)` per key."""
+
+    @classmethod
+    def schema(cls) -> dict[str, Field]:
+        """Recipe key (without the method's prefix) -> its declaration, for the recipe reader."""
+        hints = typing.get_type_hints(cls)
+        out = {}
+        for f in dataclasses.fields(cls):
+            spec = dict(f.metadata["pfl"])
+            key = spec.pop("key") or f.name
+            out[key] = Field(_KINDS[hints[f.name]], f.default, **spec)
+        return out
+
+    @classmethod
+    def from_config(cls, cfg: Config, method: str) -> "Settings":
+        values = {}
+        for f in dataclasses.fields(cls):
+            values[f.name] = cfg[f"{method}.{f.metadata['pfl']['key'] or f.name}"]
+        return cls(**values)
 
 
 @dataclass(frozen=True)
@@ -78,6 +119,33 @@ def weighted_mean(uploads: list[Upload]) -> Tensors:
     return out
 
 
+def train_on_server(params: list[nn.Parameter], inputs: torch.Tensor, targets: torch.Tensor,
+                    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], *, epochs: int, lr: float,
+                    momentum: float = 0.0, batch_size: int | None = None, seed: int = 0) -> float:
+    """Server-side training (FedGH's head, FedTGP's prototype generator): `epochs` passes of a fresh SGD
+    over (inputs, targets), full batch when `batch_size` is None, else seeded shuffled mini-batches;
+    `loss(x_batch, y_batch)` computes the batch's loss from the trained module. Returns the last pass's
+    mean loss."""
+    optimiser = torch.optim.SGD(params, lr=lr, momentum=momentum)
+    generator = torch.Generator().manual_seed(seed)
+    n = len(targets)
+    size = n if batch_size is None else batch_size
+    last = math.nan
+    with torch.enable_grad():
+        for _ in range(epochs):
+            order = torch.arange(n) if batch_size is None else torch.randperm(n, generator=generator)
+            total, count = 0.0, 0
+            for start in range(0, n, size):
+                idx = order[start:start + size]
+                optimiser.zero_grad()
+                value = loss(inputs[idx], targets[idx])
+                value.backward()
+                optimiser.step()
+                total, count = total + float(value.detach()) * len(idx), count + len(idx)
+            last = total / max(count, 1)
+    return last
+
+
 def cpu_clone(tensors: Tensors) -> Tensors:
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
 
@@ -91,6 +159,12 @@ def unprefixed(prefix: str, tensors: Tensors) -> Tensors:
     """The inverse of `prefixed`, keeping only the tensors under `prefix`."""
     p = prefix + "."
     return {k[len(p):]: v for k, v in tensors.items() if k.startswith(p)}
+
+
+def outside(prefix: str, tensors: Tensors) -> Tensors:
+    """The tensors not under `prefix` (a private state's own model beside a prefixed module)."""
+    p = prefix + "."
+    return {k: v for k, v in tensors.items() if not k.startswith(p)}
 
 
 @torch.no_grad()
@@ -128,6 +202,9 @@ class ClientModule(L.LightningModule):
         self.transform = transform
         self.num_classes = num_classes
         self.phase: str | None = None
+        # the labels of the client this module is loaded for (set by the engine with its private state), for
+        # methods that act on the classes the client holds (FedSSA)
+        self.train_labels: torch.Tensor | None = None
         self.val_accuracy = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self._loss_sum = torch.zeros(())
         self._loss_steps = 0
@@ -144,6 +221,11 @@ class ClientModule(L.LightningModule):
 
     def receive(self, payload: Tensors) -> None:
         """Load what the server sent this client."""
+
+    def start(self, payload: Tensors) -> None:
+        """Set up a fresh client from the server's initial broadcast, before its first round. Default: receive
+        it (a method whose `receive` is a per-round update, not a load, overrides this)."""
+        self.receive(payload)
 
     def upload(self, x_train: torch.Tensor, y_train: torch.Tensor) -> Tensors:
         """What goes to the server after training. x_train, y_train: the client's training data (raw, on
@@ -162,6 +244,25 @@ class ClientModule(L.LightningModule):
 
     def learning_rate(self, phase: str) -> float:
         return self.cfg.lr
+
+    def optimizer(self, phase: str, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        """The phase's optimiser, fresh for every phase of every client round. Default: the recipe's SGD;
+        a method overrides it for its own learning rates or parameter groups."""
+        return torch.optim.SGD(params, lr=self.learning_rate(phase), momentum=self.cfg.momentum,
+                               weight_decay=self.cfg.weight_decay)
+
+    def after_step(self, phase: str) -> None:
+        """Called after every optimiser step (a projection such as a clamp). Default: nothing."""
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Class scores for personalised evaluation (argmax = the prediction). Default: the logits of
+        `forward`; a method with another inference rule (nearest prototype) overrides it."""
+        return self(x)
+
+    def unknown_phase(self, phase: str) -> ValueError:
+        """The error for a phase name this method does not have (raise it; never fall into a branch)."""
+        return ValueError(f"{type(self).__name__} has no phase {phase!r}; its phases are "
+                          f"{', '.join(p.name for p in self.phases())}")
 
     def diagnostics(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
         """Method-specific measurements after a client's round, on a sample of its training data
@@ -206,14 +307,16 @@ class ClientModule(L.LightningModule):
         self._loss_steps += 1
         return loss
 
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.after_step(self.phase)
+
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         x, y = batch
-        self.val_accuracy.update(self(x).argmax(dim=1), y)
+        self.val_accuracy.update(self.predict(x).argmax(dim=1), y)
 
     def configure_optimizers(self):
         params = [p for p in self.trainable_parameters(self.phase) if p.requires_grad]
-        return torch.optim.SGD(params, lr=self.learning_rate(self.phase), momentum=self.cfg.momentum,
-                               weight_decay=self.cfg.weight_decay)
+        return self.optimizer(self.phase, params)
 
 
 class LocalClient(ClientModule):
@@ -226,18 +329,35 @@ class LocalClient(ClientModule):
 
     def trainable_parameters(self, phase: str) -> list[nn.Parameter]:
         if phase != "local":
-            raise ValueError(f"{type(self).__name__} has no phase {phase!r}")
+            raise self.unknown_phase(phase)
         return list(self.model.parameters())
 
     def phase_loss(self, phase: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if phase != "local":
+            raise self.unknown_phase(phase)
         return F.cross_entropy(self.model(x), y)
+
+
+ALGORITHMS: dict[str, type["Algorithm"]] = {}
+A = TypeVar("A", bound="type[Algorithm]")
+
+
+def register(cls: A) -> A:
+    """Class decorator: make a method known by its `name` (the recipe's `method`) and its `Settings` keys
+    part of the recipe schema."""
+    if cls.name in ALGORITHMS and ALGORITHMS[cls.name] is not cls:
+        raise ValueError(f"two methods are named {cls.name!r}: {ALGORITHMS[cls.name].__module__} and {cls.__module__}")
+    cls.SETTINGS = cls.Settings.schema()
+    ALGORITHMS[cls.name] = cls
+    return cls
 
 
 class Algorithm:
     """Server side of a method, and the factory of its client modules."""
 
     name: ClassVar[str]
-    SETTINGS: ClassVar[dict[str, Field]] = {}
+    Settings: ClassVar[type[Settings]] = Settings
+    SETTINGS: ClassVar[dict[str, Field]] = {}  # derived from `Settings` by @register
     # `pfl tune`'s default search space (recipe key -> SPEC, see pfl/tune.py): the shared learning rate plus
     # two keys of the method's own, so that every method gets a space of the same size.
     SHARED_SEARCH_SPACE: ClassVar[dict[str, str]] = {"lr": "log:0.003:0.1"}
@@ -250,7 +370,7 @@ class Algorithm:
     def __init__(self, cfg: Config, spec: TaskSpec):
         self.cfg = cfg
         self.spec = spec
-        self.settings = cfg.table(self.name)
+        self.settings = self.Settings.from_config(cfg, self.name)
 
     @classmethod
     def check_config(cls, cfg: Config) -> None:
@@ -316,23 +436,26 @@ def structure_problem(tensors: Tensors, template: Tensors) -> str | None:
     return None
 
 
-def prototype_problem(tensors: Tensors, num_classes: int, dim: int, with_counts: bool) -> str | None:
-    """Structure of a prototype update (FedProto, FedGH): labels [m] distinct in [0, C), protos [m, d],
-    and counts [m] >= 1 where the method sends them."""
-    names = {"labels", "protos"} | ({"counts"} if with_counts else set())
-    template = {n: tensors[n] for n in names if n in tensors}
+def class_table_problem(tensors: Tensors, num_classes: int, rows: dict[str, tuple[int, ...]],
+                        with_counts: bool = False) -> str | None:
+    """Structure of a per-class update (FedProto, FedGH, FedTGP, FD, FedSSA): 'labels' [m] distinct int64
+    classes in [0, C); for every name in `rows` a float tensor [m, *shape]; and, `with_counts`, 'counts' [m]
+    int64 >= 1."""
+    names = {"labels", *rows} | ({"counts"} if with_counts else set())
     if set(tensors) != names:
         return f"tensor names must be {sorted(names)}, got {sorted(tensors)}"
-    labels, protos = template["labels"], template["protos"]
+    labels = tensors["labels"]
     if labels.dtype != torch.int64 or labels.ndim != 1:
         return "'labels' must be a 1-d int64 tensor"
     m = len(labels)
     if m and (int(labels.min()) < 0 or int(labels.max()) >= num_classes or len(labels.unique()) != m):
         return f"'labels' must be distinct classes in [0, {num_classes})"
-    if protos.shape != (m, dim) or not protos.is_floating_point():
-        return f"'protos' has shape {list(protos.shape)}, expected [{m}, {dim}] floats"
+    for name, shape in rows.items():
+        t = tensors[name]
+        if tuple(t.shape) != (m, *shape) or not t.is_floating_point():
+            return f"'{name}' has shape {list(t.shape)}, expected {[m, *shape]} floats"
     if with_counts:
-        counts = template["counts"]
+        counts = tensors["counts"]
         if counts.shape != (m,) or counts.dtype != torch.int64 or (m and int(counts.min()) < 1):
             return "'counts' must be one int64 count >= 1 per label"
     return None

@@ -7,10 +7,10 @@ test set. A heterogeneous zoo cannot be averaged, so the recipe is refused.
 
 from __future__ import annotations
 
-from pfl.algorithms.base import Algorithm, LocalClient, Tensors, Upload, cpu_clone, weighted_mean
-from pfl.schema import Config
+from pfl.algorithms.base import Algorithm, LocalClient, Tensors, Upload, cpu_clone, register, weighted_mean
 from pfl.errors import ConfigError
 from pfl.models import assign_architectures
+from pfl.schema import Config
 
 
 class FedAvgClient(LocalClient):
@@ -24,6 +24,7 @@ class FedAvgClient(LocalClient):
         self.receive(global_state)
 
 
+@register
 class FedAvg(Algorithm):
     name = "fedavg"
 
@@ -47,7 +48,6 @@ class FedAvg(Algorithm):
 
     def aggregate(self, global_state: Tensors, uploads: list[Upload]) -> Tensors:
         return weighted_mean(uploads)
-
 
     def upload_template(self, global_state: Tensors) -> Tensors:
         return global_state

@@ -4,21 +4,38 @@ Client: its head is replaced by the global head (d -> C, the same shape for ever
 local model trains on CE, then it sends per-class prototypes (mean phi_k(x) per class it holds, model in
 eval mode). Server: the global head trains by CE on the received (prototype, class) pairs, all pairs in one
 full batch, `server_epochs` SGD steps at `server_lr` (momentum as the recipe's, a fresh optimiser each
-round); that head is the next broadcast. Personalised inference: the client's model as trained.
+round); that head is the next broadcast.
+
+Personalised inference (`fedgh.inference`): "own", the client's model as trained, its head included
+(default, the authors' code), or "global", its representation under the current global head.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pfl.algorithms.base import (Algorithm, LocalClient, Tensors, Upload, class_prototypes, cpu_clone, prefixed,
-                                 prototype_problem, unprefixed)
-from pfl.schema import Field
+from pfl.algorithms.base import (Algorithm, LocalClient, Settings, Tensors, Upload, class_prototypes,
+                                 class_table_problem, cpu_clone, prefixed, register, setting, train_on_server,
+                                 unprefixed)
+
+
+@dataclass(frozen=True)
+class FedGHSettings(Settings):
+    server_epochs: int = setting(10, "full-batch SGD steps the server trains the global head per round", low=1)
+    server_lr: float = setting(0.01, "learning rate of the server's head training", low=0.0, low_open=True)
+    inference: str = setting("own", "head used for personalised evaluation: the client's own as trained, or the "
+                             "current global head", choices=("own", "global"))
 
 
 class FedGHClient(LocalClient):
+    def __init__(self, model, cfg, transform, num_classes: int, settings: FedGHSettings):
+        super().__init__(model, cfg, transform, num_classes)
+        self.settings = settings
+
     def receive(self, payload: Tensors) -> None:
         with torch.no_grad():
             self.model.head.load_state_dict(unprefixed("head", payload))
@@ -27,19 +44,24 @@ class FedGHClient(LocalClient):
         labels, protos, _ = class_prototypes(self.model, self.transform, x_train, y_train, self.num_classes)
         return {"labels": labels, "protos": protos}
 
+    def prepare_eval(self, global_state: Tensors) -> None:
+        if self.settings.inference == "global":
+            self.receive(global_state)
 
+
+@register
 class FedGH(Algorithm):
     name = "fedgh"
-    SETTINGS = {
-        "server_epochs": Field("int", 10, "full-batch SGD steps the server trains the global head per round",
-                               low=1),
-        "server_lr": Field("float", 0.01, "learning rate of the server's head training", low=0.0,
-                           low_open=True),
-    }
+    Settings = FedGHSettings
     SEARCH_SPACE = {"fedgh.server_lr": "log:0.001:0.1", "fedgh.server_epochs": "int:1:20"}
 
     def make_client(self, arch: str) -> FedGHClient:
-        return FedGHClient(self.private_model(arch), self.cfg, self.spec.transform, self.spec.num_classes)
+        return FedGHClient(self.private_model(arch), self.cfg, self.spec.transform, self.spec.num_classes,
+                           self.settings)
+
+    def evaluation_label(self) -> str:
+        head = "the current global head" if self.settings.inference == "global" else "its own head"
+        return f"personalised: each client's representation on its own test set, with {head}"
 
     def _head(self) -> nn.Linear:
         return nn.Linear(self.spec.representation_dim, self.spec.num_classes)
@@ -52,14 +74,10 @@ class FedGH(Algorithm):
         head.load_state_dict(unprefixed("head", global_state))
         protos = torch.cat([u.tensors["protos"] for u in uploads]).float()
         labels = torch.cat([u.tensors["labels"] for u in uploads])
-        optimiser = torch.optim.SGD(head.parameters(), lr=self.settings["server_lr"], momentum=self.cfg.momentum)
-        with torch.enable_grad():
-            for _ in range(self.settings["server_epochs"]):
-                optimiser.zero_grad()
-                F.cross_entropy(head(protos), labels).backward()
-                optimiser.step()
+        train_on_server(list(head.parameters()), protos, labels, lambda p, y: F.cross_entropy(head(p), y),
+                        epochs=self.settings.server_epochs, lr=self.settings.server_lr, momentum=self.cfg.momentum)
         return cpu_clone(prefixed("head", head.state_dict()))
 
     def upload_problem(self, upload: Upload, global_state: Tensors) -> str | None:
-        return super().upload_problem(upload, global_state) or prototype_problem(
-            upload.tensors, self.spec.num_classes, self.spec.representation_dim, with_counts=False)
+        return super().upload_problem(upload, global_state) or class_table_problem(
+            upload.tensors, self.spec.num_classes, {"protos": (self.spec.representation_dim,)})

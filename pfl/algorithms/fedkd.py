@@ -24,13 +24,23 @@ Personalised inference: the mentor.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-from pfl.algorithms.base import (Algorithm, ClientModule, Phase, Tensors, Upload, cpu_clone, prefixed, unprefixed)
-from pfl.algorithms.fml import _known_model, kl_to
-from pfl.schema import Config, Field
+from pfl.algorithms.base import (Algorithm, ClientModule, Phase, Settings, Tensors, Upload, cpu_clone, outside,
+                                 prefixed, register, setting, unprefixed)
+from pfl.algorithms.fml import known_model, kl_to
 from pfl.errors import ConfigError
+from pfl.schema import Config
+
+
+@dataclass(frozen=True)
+class FedKDSettings(Settings):
+    energy_start: float = setting(0.95, "SVD energy kept in round 1", low=0.0, high=1.0, low_open=True)
+    energy_end: float = setting(0.98, "SVD energy kept in the last round", low=0.0, high=1.0, low_open=True)
+    shared_model: str = setting("cnn5", "architecture of the shared mentee", check=known_model)
 
 
 def compress(delta: Tensors, energy: float) -> Tensors:
@@ -64,26 +74,30 @@ def decompress(payload: Tensors, shapes: dict[str, torch.Size]) -> Tensors:
     return out
 
 
-def energy_at(settings: dict, round_idx: int, rounds: int) -> float:
+def energy_at(settings: FedKDSettings, round_idx: int, rounds: int) -> float:
     """T for round `round_idx` (1-based): linear from energy_start (round 1) to energy_end (last round)."""
     frac = (round_idx - 1) / max(rounds - 1, 1)
-    return settings["energy_start"] + (settings["energy_end"] - settings["energy_start"]) * min(frac, 1.0)
+    return settings.energy_start + (settings.energy_end - settings.energy_start) * min(frac, 1.0)
 
 
 class FedKDClient(ClientModule):
-    def __init__(self, model, mentee, cfg, transform, num_classes: int):
+    def __init__(self, model, mentee, cfg, transform, num_classes: int, settings: FedKDSettings):
         super().__init__(model, cfg, transform, num_classes)
         self.mentee = mentee
         self.reference: Tensors = cpu_clone(mentee.state_dict())  # this client's copy of the global mentee
-        self.energy = cfg["fedkd.energy_start"]
+        self.energy = settings.energy_start
 
     def phases(self) -> list[Phase]:
         return [Phase("distill", self.cfg.local_epochs)]
 
     def trainable_parameters(self, phase: str):
+        if phase != "distill":
+            raise self.unknown_phase(phase)
         return list(self.model.parameters()) + list(self.mentee.parameters())
 
     def phase_loss(self, phase: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if phase != "distill":
+            raise self.unknown_phase(phase)
         h_t, h_s = self.model.phi(x), self.mentee.phi(x)
         z_t, z_s = self.model.head(h_t), self.mentee.head(h_s)
         ce_t, ce_s = F.cross_entropy(z_t, y), F.cross_entropy(z_s, y)
@@ -112,18 +126,14 @@ class FedKDClient(ClientModule):
         return {**cpu_clone(self.model.state_dict()), **prefixed("reference", self.reference)}
 
     def load_private_state(self, state: Tensors) -> None:
-        self.model.load_state_dict({k: v for k, v in state.items() if not k.startswith("reference.")})
+        self.model.load_state_dict(outside("reference", state))
         self.reference = unprefixed("reference", state)
 
 
+@register
 class FedKD(Algorithm):
     name = "fedkd"
-    SETTINGS = {
-        "energy_start": Field("float", 0.95, "SVD energy kept in round 1", low=0.0, high=1.0, low_open=True),
-        "energy_end": Field("float", 0.98, "SVD energy kept in the last round", low=0.0, high=1.0,
-                            low_open=True),
-        "shared_model": Field("str", "cnn5", "architecture of the shared mentee", check=_known_model),
-    }
+    Settings = FedKDSettings
     SEARCH_SPACE = {"fedkd.energy_start": "0.8:0.95", "fedkd.energy_end": "0.95:0.999"}
 
     @classmethod
@@ -133,11 +143,11 @@ class FedKD(Algorithm):
                               f"({cfg['fedkd.energy_start']}), got {cfg['fedkd.energy_end']}")
 
     def make_client(self, arch: str) -> FedKDClient:
-        return FedKDClient(self.private_model(arch), self.private_model(self.settings["shared_model"]), self.cfg,
-                           self.spec.transform, self.spec.num_classes)
+        return FedKDClient(self.private_model(arch), self.private_model(self.settings.shared_model), self.cfg,
+                           self.spec.transform, self.spec.num_classes, self.settings)
 
     def initial_global(self) -> Tensors:
-        mentee = cpu_clone(self.private_model(self.settings["shared_model"]).state_dict())
+        mentee = cpu_clone(self.private_model(self.settings.shared_model).state_dict())
         return {**prefixed("mentee", mentee), "version": torch.tensor(0),
                 "client_version": torch.full((self.cfg.num_clients,), -1),
                 "energy": torch.tensor(energy_at(self.settings, 1, self.cfg.rounds))}

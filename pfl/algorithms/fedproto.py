@@ -4,22 +4,42 @@ Client: CE(f_k(x), y) + lambda * MSE(h, P[y]), P the global prototypes; samples 
 prototype yet (round 1, or a class no client has sent) get CE only. After training the client sends, for
 each class it holds, the mean of phi_k(x) over its training samples (model in eval mode) and the count.
 Server: global prototype of class c = sum_k n_kc p_kc / sum_k n_kc over this round's senders; a class no
-sampled client holds keeps its previous global prototype. Personalised inference: the client's model.
+sampled client holds keeps its previous global prototype.
+
+Personalised inference (`fedproto.inference`): "head", the client's model as trained (default), or
+"prototype", the class of the nearest global prototype to phi_k(x) (squared Euclidean distance; classes
+without a global prototype are never predicted), the rule of the field's benchmark library.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-from pfl.algorithms.base import Algorithm, LocalClient, Tensors, Upload, class_prototypes, prototype_problem
-from pfl.schema import Field
+from pfl.algorithms.base import (Algorithm, LocalClient, Settings, Tensors, Upload, class_prototypes,
+                                 class_table_problem, register, setting)
+
+
+@dataclass(frozen=True)
+class FedProtoSettings(Settings):
+    lam: float = setting(1.0, "weight of the prototype MSE term", key="lambda", low=0.0)
+    inference: str = setting("head", "personalised prediction: the client's head, or its nearest global prototype",
+                             choices=("head", "prototype"))
+
+
+def nearest_prototype_scores(h: torch.Tensor, protos: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+    """Class scores of the nearest-prototype rule: -||h - P_c||^2, and -inf for classes without a prototype."""
+    distance = torch.cdist(h.float(), protos.float()).pow(2)
+    return (-distance).masked_fill(known[None, :] == 0, float("-inf"))
 
 
 class FedProtoClient(LocalClient):
-    def __init__(self, model, cfg, transform, num_classes: int):
+    def __init__(self, model, cfg, transform, num_classes: int, settings: FedProtoSettings):
         super().__init__(model, cfg, transform, num_classes)
-        self.lam = cfg["fedproto.lambda"]
+        self.settings = settings
+        self.lam = settings.lam
         d = model.representation_dim
         self.register_buffer("global_protos", torch.zeros(num_classes, d), persistent=False)
         self.register_buffer("known", torch.zeros(num_classes), persistent=False)  # 1.0 where P[c] exists
@@ -32,6 +52,8 @@ class FedProtoClient(LocalClient):
         self.known[labels] = 1.0
 
     def phase_loss(self, phase: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if phase != "local":
+            raise self.unknown_phase(phase)
         h = self.model.phi(x)
         ce = F.cross_entropy(self.model.head(h), y)
         # per-sample MSE, averaged over the samples whose class has a prototype (no host sync)
@@ -39,19 +61,34 @@ class FedProtoClient(LocalClient):
         per_sample = (h.float() - self.global_protos[y]).pow(2).mean(dim=1)
         return ce + self.lam * (per_sample * weight).sum() / weight.sum().clamp_min(1.0)
 
+    def prepare_eval(self, global_state: Tensors) -> None:
+        if self.settings.inference == "prototype":
+            self.receive(global_state)  # the current global prototypes (only buffers change)
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        if self.settings.inference == "prototype":
+            return nearest_prototype_scores(self.model.phi(x), self.global_protos, self.known)
+        return self(x)
+
     def upload(self, x_train, y_train) -> Tensors:
         labels, protos, counts = class_prototypes(self.model, self.transform, x_train, y_train,
                                                   self.num_classes)
         return {"labels": labels, "protos": protos, "counts": counts}
 
 
+@register
 class FedProto(Algorithm):
     name = "fedproto"
-    SETTINGS = {"lambda": Field("float", 1.0, "weight of the prototype MSE term", low=0.0)}
+    Settings = FedProtoSettings
     SEARCH_SPACE = {"fedproto.lambda": "log:0.01:10", "weight_decay": "log:1e-5:1e-2"}
 
     def make_client(self, arch: str) -> FedProtoClient:
-        return FedProtoClient(self.private_model(arch), self.cfg, self.spec.transform, self.spec.num_classes)
+        return FedProtoClient(self.private_model(arch), self.cfg, self.spec.transform, self.spec.num_classes,
+                              self.settings)
+
+    def evaluation_label(self) -> str:
+        rule = "nearest global prototype" if self.settings.inference == "prototype" else "its own head"
+        return f"personalised: each client's model on its own test set, predicting by {rule}"
 
     def initial_global(self) -> Tensors:
         return {"labels": torch.zeros(0, dtype=torch.int64),
@@ -75,5 +112,5 @@ class FedProto(Algorithm):
         return {"labels": labels, "protos": protos[labels].float()}
 
     def upload_problem(self, upload: Upload, global_state: Tensors) -> str | None:
-        return super().upload_problem(upload, global_state) or prototype_problem(
-            upload.tensors, self.spec.num_classes, self.spec.representation_dim, with_counts=True)
+        return super().upload_problem(upload, global_state) or class_table_problem(
+            upload.tensors, self.spec.num_classes, {"protos": (self.spec.representation_dim,)}, with_counts=True)

@@ -13,12 +13,13 @@ model.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-from pfl.algorithms.base import (Algorithm, ClientModule, Phase, Tensors, Upload, cpu_clone, prefixed, unprefixed,
-                                 weighted_mean)
-from pfl.schema import Field
+from pfl.algorithms.base import (Algorithm, ClientModule, Phase, Settings, Tensors, Upload, cpu_clone, prefixed,
+                                 register, setting, unprefixed, weighted_mean)
 
 
 def kl_to(target_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -27,25 +28,39 @@ def kl_to(target_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
                     reduction="batchmean", log_target=True)
 
 
-def _known_model(name: str) -> str | None:
+def known_model(name: str) -> str | None:
+    """Check of a `shared_model` setting: a zoo architecture."""
     from pfl.models import MODEL_REGISTRY
 
     return None if name in MODEL_REGISTRY else f"unknown model {name!r}; known: {', '.join(sorted(MODEL_REGISTRY))}"
 
 
+@dataclass(frozen=True)
+class FMLSettings(Settings):
+    alpha: float = setting(0.5, "weight of CE in the local model's loss (1 - alpha: KL to the meme)",
+                           low=0.0, high=1.0)
+    beta: float = setting(0.5, "weight of CE in the meme's loss (1 - beta: KL to the local model)",
+                          low=0.0, high=1.0)
+    shared_model: str = setting("cnn5", "architecture of the shared meme model", check=known_model)
+
+
 class FMLClient(ClientModule):
-    def __init__(self, model, meme, cfg, transform, num_classes: int):
+    def __init__(self, model, meme, cfg, transform, num_classes: int, settings: FMLSettings):
         super().__init__(model, cfg, transform, num_classes)
         self.meme = meme
-        self.alpha, self.beta = cfg["fml.alpha"], cfg["fml.beta"]
+        self.alpha, self.beta = settings.alpha, settings.beta
 
     def phases(self) -> list[Phase]:
         return [Phase("mutual", self.cfg.local_epochs)]
 
     def trainable_parameters(self, phase: str):
+        if phase != "mutual":
+            raise self.unknown_phase(phase)
         return list(self.model.parameters()) + list(self.meme.parameters())
 
     def phase_loss(self, phase: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if phase != "mutual":
+            raise self.unknown_phase(phase)
         local, meme = self.model(x), self.meme(x)
         local_loss = self.alpha * F.cross_entropy(local, y) + (1 - self.alpha) * kl_to(meme, local)
         meme_loss = self.beta * F.cross_entropy(meme, y) + (1 - self.beta) * kl_to(local, meme)
@@ -58,27 +73,21 @@ class FMLClient(ClientModule):
         return cpu_clone(prefixed("meme", self.meme.state_dict()))
 
 
+@register
 class FML(Algorithm):
     name = "fml"
-    SETTINGS = {
-        "alpha": Field("float", 0.5, "weight of CE in the local model's loss (1 - alpha: KL to the meme)",
-                       low=0.0, high=1.0),
-        "beta": Field("float", 0.5, "weight of CE in the meme's loss (1 - beta: KL to the local model)",
-                      low=0.0, high=1.0),
-        "shared_model": Field("str", "cnn5", "architecture of the shared meme model", check=_known_model),
-    }
+    Settings = FMLSettings
     SEARCH_SPACE = {"fml.alpha": "0.1:0.9", "fml.beta": "0.1:0.9"}
 
     def make_client(self, arch: str) -> FMLClient:
-        return FMLClient(self.private_model(arch), self.private_model(self.settings["shared_model"]), self.cfg,
-                         self.spec.transform, self.spec.num_classes)
+        return FMLClient(self.private_model(arch), self.private_model(self.settings.shared_model), self.cfg,
+                         self.spec.transform, self.spec.num_classes, self.settings)
 
     def initial_global(self) -> Tensors:
-        return cpu_clone(prefixed("meme", self.private_model(self.settings["shared_model"]).state_dict()))
+        return cpu_clone(prefixed("meme", self.private_model(self.settings.shared_model).state_dict()))
 
     def aggregate(self, global_state: Tensors, uploads: list[Upload]) -> Tensors:
         return weighted_mean(uploads)
-
 
     def upload_template(self, global_state: Tensors) -> Tensors:
         return global_state

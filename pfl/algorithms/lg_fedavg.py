@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pfl.algorithms.base import (Algorithm, LocalClient, Tensors, Upload, cpu_clone, prefixed, unprefixed,
-                                 weighted_mean)
+from pfl.algorithms.base import (Algorithm, LocalClient, Tensors, Upload, cpu_clone, prefixed, register,
+                                 unprefixed, weighted_mean)
 
 
 class LGFedAvgClient(LocalClient):
@@ -23,6 +23,7 @@ class LGFedAvgClient(LocalClient):
         return cpu_clone(prefixed("head", self.model.head.state_dict()))
 
 
+@register
 class LGFedAvg(Algorithm):
     name = "lg_fedavg"
 
@@ -35,7 +36,6 @@ class LGFedAvg(Algorithm):
 
     def aggregate(self, global_state: Tensors, uploads: list[Upload]) -> Tensors:
         return weighted_mean(uploads)
-
 
     def upload_template(self, global_state: Tensors) -> Tensors:
         return global_state

@@ -1,7 +1,7 @@
 """pFedLoRA: private heterogeneous models, one shared homogeneous low-rank adapter, alternating training.
 
 Client k predicts z = head_k(h) + g_theta(h) with h = phi_k(x) and g_theta(h) = (alpha / r) B A h.
-Each round (ALGORITHMS.md):
+Each round (docs/algorithms.md):
   phase "local"   (global -> local): theta frozen; phi_k and head_k train for `local_epochs` on
                   mu * CE(z, y) + (1 - mu) * CE(head_k(h), y);
   phase "adapter" (local -> global): phi_k and head_k frozen; theta trains for `adapter_epochs` on CE(z, y);
@@ -18,38 +18,53 @@ Choices made here, beyond the paper:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-from pfl.algorithms.base import Algorithm, ClientModule, Phase, Tensors, Upload, cpu_clone, weighted_mean
-from pfl.schema import Config, Field
+from pfl.algorithms.base import (Algorithm, ClientModule, Phase, Settings, Tensors, Upload, cpu_clone, outside,
+                                 prefixed, register, setting, unprefixed, weighted_mean)
 from pfl.errors import ConfigError
 from pfl.models import LoRAAdapter, build_model
+from pfl.schema import Config
 
 
-def _adapter_alpha(settings: dict) -> float:
-    return float(settings["alpha"]) if settings["alpha"] > 0 else float(settings["rank"])
+@dataclass(frozen=True)
+class PFedLoRASettings(Settings):
+    rank: int = setting(8, "r, rank of the adapter (<= representation_dim)", low=1)
+    alpha: float = setting(0.0, "LoRA alpha; the adapter is scaled by alpha / rank (0: alpha = rank)", low=0.0)
+    mu: float = setting(1.0, "weight of CE(z, y) in the local phase; 1 - mu goes to CE(head(h), y)",
+                        low=0.0, high=1.0, low_open=True)
+    adapter_epochs: int = setting(1, "epochs of the adapter phase per round", low=1)
+    adapter_lr: float = setting(0.0, "learning rate of the adapter phase (0: the recipe's lr)", low=0.0)
+    inference_adapter: str = setting("own", "adapter used for personalised evaluation", choices=("own", "global"))
+
+    @property
+    def scaling_alpha(self) -> float:
+        return self.alpha if self.alpha > 0 else float(self.rank)
 
 
 class PFedLoRAClient(ClientModule):
-    def __init__(self, model, adapter: LoRAAdapter, cfg: Config, transform, num_classes: int):
+    def __init__(self, model, adapter: LoRAAdapter, cfg: Config, transform, num_classes: int,
+                 settings: PFedLoRASettings):
         super().__init__(model, cfg, transform, num_classes)
         self.adapter = adapter
-        self.settings = cfg.table("pfedlora")
+        self.settings = settings
 
     def phases(self) -> list[Phase]:
-        return [Phase("local", self.cfg.local_epochs), Phase("adapter", self.settings["adapter_epochs"])]
+        return [Phase("local", self.cfg.local_epochs), Phase("adapter", self.settings.adapter_epochs)]
 
     def trainable_parameters(self, phase: str):
         if phase == "local":
             return list(self.model.parameters())
         if phase == "adapter":
             return list(self.adapter.parameters())
-        raise ValueError(f"pfedlora has no phase {phase!r}")
+        raise self.unknown_phase(phase)
 
     def learning_rate(self, phase: str) -> float:
-        if phase == "adapter" and self.settings["adapter_lr"] > 0:
-            return self.settings["adapter_lr"]
+        if phase == "adapter" and self.settings.adapter_lr > 0:
+            return self.settings.adapter_lr
         return self.cfg.lr
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -61,15 +76,17 @@ class PFedLoRAClient(ClientModule):
             h = self.model.phi(x)
             head_logits = self.model.head(h)
             z = head_logits + self.adapter(h)
-            mu = self.settings["mu"]
+            mu = self.settings.mu
             loss = F.cross_entropy(z, y)
             if mu < 1.0:
                 loss = mu * loss + (1.0 - mu) * F.cross_entropy(head_logits, y)
             return loss
-        with torch.no_grad():
-            h = self.model.phi(x)
-            head_logits = self.model.head(h)
-        return F.cross_entropy(head_logits + self.adapter(h), y)
+        if phase == "adapter":
+            with torch.no_grad():
+                h = self.model.phi(x)
+                head_logits = self.model.head(h)
+            return F.cross_entropy(head_logits + self.adapter(h), y)
+        raise self.unknown_phase(phase)
 
     def on_train_epoch_start(self) -> None:
         if self.phase == "adapter":
@@ -77,8 +94,8 @@ class PFedLoRAClient(ClientModule):
 
     @torch.no_grad()
     def diagnostics(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
-        """How much the shared adapter moves predictions: mean |g(h)| / mean |head(h)| (ALGORITHMS.md
-        reports about 1% after phase 2 on Fashion-MNIST), and accuracy with vs without the adapter."""
+        """How much the shared adapter moves predictions: mean |g(h)| / mean |head(h)| (the paper
+        reports about 1% after phase 2 on Fashion-MNIST; docs/algorithms.md), and accuracy with vs without the adapter."""
         was_training = self.training
         self.eval()
         x = self.transform(x.to(self.device), train=False)
@@ -92,41 +109,27 @@ class PFedLoRAClient(ClientModule):
                 "train_acc_head_only": float((head_logits.argmax(1) == y).float().mean())}
 
     def receive(self, payload: Tensors) -> None:
-        with torch.no_grad():
-            self.adapter.A.copy_(payload["adapter.A"])
-            self.adapter.B.copy_(payload["adapter.B"])
+        self.adapter.load_state_dict(unprefixed("adapter", payload))
 
     def upload(self, x_train, y_train) -> Tensors:
-        return cpu_clone({"adapter.A": self.adapter.A, "adapter.B": self.adapter.B})
+        return cpu_clone(prefixed("adapter", self.adapter.state_dict()))
 
     def private_state(self) -> Tensors:
-        state = cpu_clone(self.model.state_dict())
-        state.update({f"adapter.{k}": v for k, v in cpu_clone(self.adapter.state_dict()).items()})
-        return state
+        return {**cpu_clone(self.model.state_dict()), **cpu_clone(prefixed("adapter", self.adapter.state_dict()))}
 
     def load_private_state(self, state: Tensors) -> None:
-        self.model.load_state_dict({k: v for k, v in state.items() if not k.startswith("adapter.")})
-        self.adapter.load_state_dict({k[len("adapter."):]: v for k, v in state.items()
-                                      if k.startswith("adapter.")})
+        self.model.load_state_dict(outside("adapter", state))
+        self.adapter.load_state_dict(unprefixed("adapter", state))
 
     def prepare_eval(self, global_state: Tensors) -> None:
-        if self.settings["inference_adapter"] == "global":
+        if self.settings.inference_adapter == "global":
             self.receive(global_state)
 
 
+@register
 class PFedLoRA(Algorithm):
     name = "pfedlora"
-    SETTINGS = {
-        "rank": Field("int", 8, "r, rank of the adapter (<= representation_dim)", low=1),
-        "alpha": Field("float", 0.0, "LoRA alpha; the adapter is scaled by alpha / rank (0: alpha = rank)",
-                       low=0.0),
-        "mu": Field("float", 1.0, "weight of CE(z, y) in the local phase; 1 - mu goes to CE(head(h), y)",
-                    low=0.0, high=1.0, low_open=True),
-        "adapter_epochs": Field("int", 1, "epochs of the adapter phase per round", low=1),
-        "adapter_lr": Field("float", 0.0, "learning rate of the adapter phase (0: the recipe's lr)", low=0.0),
-        "inference_adapter": Field("str", "own", "adapter used for personalised evaluation",
-                                   choices=("own", "global")),
-    }
+    Settings = PFedLoRASettings
     SEARCH_SPACE = {"pfedlora.alpha": "log:4:128", "pfedlora.mu": "0.5:1.0"}
 
     @classmethod
@@ -138,23 +141,22 @@ class PFedLoRA(Algorithm):
 
     def evaluation_label(self) -> str:
         return (f"personalised: each client's model on its own test set; adapter used at inference: "
-                f"{self.settings['inference_adapter']}")
+                f"{self.settings.inference_adapter}")
 
     def _adapter(self) -> LoRAAdapter:
-        return LoRAAdapter(self.spec.representation_dim, self.spec.num_classes, self.settings["rank"],
-                           _adapter_alpha(self.settings))
+        return LoRAAdapter(self.spec.representation_dim, self.spec.num_classes, self.settings.rank,
+                           self.settings.scaling_alpha)
 
     def make_client(self, arch: str) -> PFedLoRAClient:
         model = build_model(arch, self.spec.image_shape, self.spec.num_classes, self.spec.representation_dim)
-        return PFedLoRAClient(model, self._adapter(), self.cfg, self.spec.transform, self.spec.num_classes)
+        return PFedLoRAClient(model, self._adapter(), self.cfg, self.spec.transform, self.spec.num_classes,
+                              self.settings)
 
     def initial_global(self) -> Tensors:
-        adapter = self._adapter()
-        return cpu_clone({"adapter.A": adapter.A, "adapter.B": adapter.B})
+        return cpu_clone(prefixed("adapter", self._adapter().state_dict()))
 
     def aggregate(self, global_state: Tensors, uploads: list[Upload]) -> Tensors:
         return weighted_mean(uploads)
-
 
     def upload_template(self, global_state: Tensors) -> Tensors:
         return global_state

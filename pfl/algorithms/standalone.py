@@ -5,7 +5,7 @@ The floor every federated method must beat: whatever it gains over this comes fr
 
 from __future__ import annotations
 
-from pfl.algorithms.base import Algorithm, LocalClient, Tensors, Upload
+from pfl.algorithms.base import Algorithm, LocalClient, Tensors, Upload, register
 
 
 class StandaloneClient(LocalClient):
@@ -13,6 +13,7 @@ class StandaloneClient(LocalClient):
         return {}
 
 
+@register
 class Standalone(Algorithm):
     name = "standalone"
 

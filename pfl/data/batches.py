@@ -3,7 +3,8 @@
 A torch DataLoader over a TensorDataset indexes and collates sample by sample in Python; for data that
 already sits in memory as tensors that is pure overhead. TensorBatches slices the tensors instead, with a
 seeded permutation per epoch, and keeps the last partial batch so that a client smaller than one batch
-still trains.
+still trains. For models with batch normalisation, which cannot train on a batch of one, a last batch of
+one sample joins the batch before it (`no_single=True`).
 """
 
 from __future__ import annotations
@@ -17,26 +18,38 @@ import torch.nn.functional as F
 class TensorBatches:
     """An iterable of (x, y) mini-batches; reshuffled at every pass when `shuffle` (seeded)."""
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool, seed: int = 0):
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool, seed: int = 0,
+                 no_single: bool = False):
         if len(x) != len(y):
             raise ValueError(f"x has {len(x)} samples but y has {len(y)}")
         self.x, self.y = x, y
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.generator = torch.Generator().manual_seed(seed)
+        self.no_single = no_single
+
+    def sizes(self) -> list[int]:
+        """The batch sizes of one pass, in order."""
+        n = len(self.y)
+        sizes = [min(self.batch_size, n - start) for start in range(0, n, self.batch_size)]
+        if self.no_single and len(sizes) > 1 and sizes[-1] == 1:
+            sizes = sizes[:-2] + [sizes[-2] + 1]
+        return sizes
 
     def __len__(self) -> int:
-        return math.ceil(len(self.y) / self.batch_size)
+        return len(self.sizes()) if self.no_single else math.ceil(len(self.y) / self.batch_size)
 
     def __iter__(self):
         n = len(self.y)
         order = torch.randperm(n, generator=self.generator) if self.shuffle else None
-        for start in range(0, n, self.batch_size):
+        start = 0
+        for size in (self.sizes() if self.no_single else [self.batch_size] * len(self)):
             if order is None:
-                yield self.x[start:start + self.batch_size], self.y[start:start + self.batch_size]
+                yield self.x[start:start + size], self.y[start:start + size]
             else:
-                idx = order[start:start + self.batch_size]
+                idx = order[start:start + size]
                 yield self.x[idx], self.y[idx]
+            start += size
 
 
 class BatchTransform:

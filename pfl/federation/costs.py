@@ -62,14 +62,11 @@ class FlopMeter:
         self._cache: dict[tuple, int] = {}
 
     def phase_flops(self, module, arch: str, phase: str, epochs: int, x: torch.Tensor, y: torch.Tensor,
-                    batch_size: int) -> int:
-        """FLOPs of `epochs` epochs over (x, y) in batches of `batch_size` (the last one partial)."""
-        n = len(y)
-        full, rest = divmod(n, batch_size)
+                    batch_sizes: list[int]) -> int:
+        """FLOPs of `epochs` epochs over (x, y) in batches of the given sizes (one pass)."""
         total = 0
-        for size, count in ((batch_size, full), (rest, 1 if rest else 0)):
-            if count == 0:
-                continue
+        for size in sorted(set(batch_sizes)):
+            count = batch_sizes.count(size)
             key = (type(module).__name__, arch, phase, size)
             if key not in self._cache:
                 self._cache[key] = step_flops(module, phase, x[:size], y[:size])

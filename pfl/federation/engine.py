@@ -24,9 +24,9 @@ from pfl.algorithms.base import Algorithm, ClientModule, Tensors, Upload, payloa
 from pfl.schema import Config
 from pfl.data.batches import TensorBatches
 from pfl.data.partition import ClientData
-from pfl.errors import PflUserError, RunFailed
+from pfl.errors import DataError, PflUserError, RunFailed
 from pfl.federation.costs import FlopMeter, count_flops
-from pfl.federation.seeding import derive_seed
+from pfl.seeding import derive_seed
 
 log = logging.getLogger("pfl")
 
@@ -87,6 +87,7 @@ class ClientRunner:
     def __init__(self, trainer: L.Trainer):
         self.trainer = trainer
         self.flop_meter = FlopMeter()
+        self._batch_norm: dict[int, bool] = {}  # module id -> has batch norm (modules are cached per architecture)
 
     @property
     def device(self) -> torch.device:
@@ -97,13 +98,20 @@ class ClientRunner:
                    arch: str = "") -> tuple[dict[str, float], int]:
         """Train every phase of the method; returns the mean loss per phase and the training FLOPs."""
         losses, flops = {}, 0
+        if id(module) not in self._batch_norm:
+            self._batch_norm[id(module)] = has_batch_norm(module)
+        no_single = self._batch_norm[id(module)]
+        if no_single and data.num_train < 2:
+            raise DataError(f"client {data.client_id} has {data.num_train} training sample; its model "
+                            f"({arch}) uses batch normalisation, which needs at least 2 samples per batch")
         for phase in module.phases():
             module.set_phase(phase.name)
-            flops += self.flop_meter.phase_flops(module, arch or type(module.model).__name__, phase.name,
-                                                 phase.epochs, data.x_train, data.y_train, batch_size)
-            torch.manual_seed(derive_seed(seed, phase.name, "augment"))
             batches = TensorBatches(data.x_train, data.y_train, batch_size, shuffle=True,
-                                    seed=derive_seed(seed, phase.name, "order"))
+                                    seed=derive_seed(seed, phase.name, "order"), no_single=no_single)
+            flops += self.flop_meter.phase_flops(module, arch or type(module.model).__name__, phase.name,
+                                                 phase.epochs, data.x_train, data.y_train, batches.sizes())
+            # seeded after the FLOP measurement, whose one-off step may draw (dropout) the first time only
+            torch.manual_seed(derive_seed(seed, phase.name, "augment"))
             self.trainer.fit_loop.max_epochs = self.trainer.current_epoch + phase.epochs
             self.trainer.fit(module, train_dataloaders=batches)
             expected = phase.epochs * len(batches)
@@ -123,6 +131,11 @@ class ClientRunner:
         acc = float(module.val_accuracy.compute())
         module.val_accuracy.reset()
         return acc
+
+
+def has_batch_norm(module: torch.nn.Module) -> bool:
+    """Whether any sub-module normalises over the batch (it cannot train on a batch of one sample)."""
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in module.modules())
 
 
 class Callbacks:
@@ -228,7 +241,8 @@ class ClientWorker:
         """Client `client_id`'s seeded initial private state, put in the store."""
         torch.manual_seed(derive_seed(self.cfg.seed, "client-init", client_id))
         module = self.algorithm.make_client(self.architectures[client_id])
-        module.receive(self.algorithm.download(initial_global, client_id))
+        module.train_labels = self.clients[client_id].y_train
+        module.start(self.algorithm.download(initial_global, client_id))
         self.store.put(client_id, module.private_state())
 
     def ensure_initialised(self, client_id: int) -> None:
@@ -243,6 +257,7 @@ class ClientWorker:
             self._modules[arch] = self.algorithm.make_client(arch)
         module = self._modules[arch]
         module.load_private_state(self.store.get(client_id))
+        module.train_labels = self.clients[client_id].y_train
         return module
 
     def train(self, round_idx: int, client_id: int, download: Tensors) -> ClientResult:
@@ -264,9 +279,13 @@ class ClientWorker:
                             receive_flops() + flops + upload_flops())
 
     def evaluate(self, client_id: int, download: Tensors, split: str = "test") -> float:
-        """Personalised accuracy of one client on its own `split` ("test" or "val"); the store is not modified."""
+        """Personalised accuracy of one client on its own `split` ("test" or "val"), by the method's inference
+        rule, at the recipe's `evaluate_at`: the model as it last trained ("after_training"), or as it is
+        after receiving `download` at the start of the next round ("round_start"). The store is not modified."""
         x, y = self.clients[client_id].split(split)
         module = self.module_for(client_id)
+        if self.cfg.evaluate_at == "round_start":
+            module.receive(download)
         module.prepare_eval(download)
         return self.runner.evaluate(module, x, y)
 

@@ -4,11 +4,14 @@ from pfl.models.adapter import LoRAAdapter
 from pfl.models.zoo import (
     CNN_SPECS,
     MODEL_REGISTRY,
+    TORCHVISION_FAMILIES,
+    ZOOS,
     SplitModel,
     assign_architectures,
     build_model,
+    describe_model,
     count_parameters,
 )
 
-__all__ = ["CNN_SPECS", "MODEL_REGISTRY", "LoRAAdapter", "SplitModel", "assign_architectures",
-           "build_model", "count_parameters"]
+__all__ = ["CNN_SPECS", "MODEL_REGISTRY", "LoRAAdapter", "SplitModel", "TORCHVISION_FAMILIES", "ZOOS", "assign_architectures",
+           "build_model", "count_parameters", "describe_model"]

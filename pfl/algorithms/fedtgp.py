@@ -1,0 +1,162 @@
+"""FedTGP (Zhang et al., AAAI 2024): trainable global prototypes with an adaptive-margin contrastive loss.
+
+Client k, one phase "local", the whole private model: r = phi_k(x) and
+    L = CE(head_k(r), y) + lambda * MSE(r, P_y)
+(MSE averaged over batch x d), P the global prototypes; the term is absent until the server has trained
+them. After training the client sends, for each class it holds, the mean of phi_k(x) over its training
+samples (model in eval mode).
+Server: a prototype generator G = Embedding(C, d) -> Linear(d, d) + ReLU -> Linear(d, d), kept across
+rounds. Each round: Q_c = unweighted mean of the received prototypes of class c; gap_c = distance from
+Q_c to the nearest other Q_c' (a class without one gets the smallest gap); margin delta = min(max_c gap_c,
+`margin_max`). Then `server_epochs` epochs of SGD (lr = the recipe's lr, no momentum, mini-batches of the
+recipe's batch size, shuffled) over every received (prototype p, class y) pair on
+    CE(-(D + delta * onehot(y)), y),   D_j = ||p - G(j)||_2  (clamped at 1e-12 before the root),
+and P_c = G(c) is the next broadcast (all C classes). Personalised inference: the class of the nearest
+global prototype, argmin_c ||phi_k(x) - P_c||^2; the head is not used.
+
+The authors' code computes the uploaded prototypes with the round-start model (it reloads the model
+before saving the trained one); pfl sends those of the trained model, as the method describes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pfl.algorithms.base import (Algorithm, LocalClient, Settings, Tensors, Upload, class_prototypes,
+                                 class_table_problem, cpu_clone, prefixed, register, setting, train_on_server,
+                                 unprefixed)
+from pfl.algorithms.fedproto import nearest_prototype_scores
+from pfl.seeding import derive_seed
+
+
+@dataclass(frozen=True)
+class FedTGPSettings(Settings):
+    lam: float = setting(1.0, "weight of the MSE term pulling phi_k(x) to the global prototype of y", key="lambda",
+                         low=0.0)
+    server_epochs: int = setting(100, "epochs the server trains the prototype generator per round", low=1)
+    margin_max: float = setting(100.0, "tau, the largest adaptive margin", low=0.0)
+
+
+class PrototypeGenerator(nn.Module):
+    """The server's trainable global prototypes: class index -> R^d."""
+
+    def __init__(self, num_classes: int, dim: int):
+        super().__init__()
+        self.embedding = nn.Embedding(num_classes, dim)
+        self.middle = nn.Sequential(nn.Linear(dim, dim), nn.ReLU())
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, classes: torch.Tensor) -> torch.Tensor:
+        return self.out(self.middle(self.embedding(classes)))
+
+
+def class_gaps(means: torch.Tensor) -> torch.Tensor:
+    """gap_c = min_{c' != c} ||Q_c - Q_c'|| over the given class means [m, d]; with one class, +inf."""
+    distance = torch.cdist(means.double(), means.double())
+    distance.fill_diagonal_(float("inf"))
+    return distance.min(dim=1).values
+
+
+def adaptive_margin(means: torch.Tensor, margin_max: float) -> float:
+    """delta = min(max_c gap_c, tau); classes without a gap take the smallest gap (tau when none has one)."""
+    gaps = class_gaps(means)
+    finite = gaps[torch.isfinite(gaps)]
+    if len(finite) == 0:
+        return float(margin_max)
+    return float(min(float(finite.max()), margin_max))
+
+
+def margin_loss(generator: PrototypeGenerator, protos: torch.Tensor, labels: torch.Tensor, margin: float,
+                num_classes: int) -> torch.Tensor:
+    """CE(-(D + delta * onehot(y)), y) with D_j = ||p - G(j)||: pull p to its class, push it delta further from
+    the others."""
+    g = generator(torch.arange(num_classes))
+    squared = protos.pow(2).sum(1, keepdim=True) - 2 * protos @ g.T + g.pow(2).sum(1)[None, :]
+    distance = squared.clamp_min(1e-12).sqrt()
+    return F.cross_entropy(-(distance + margin * F.one_hot(labels, num_classes)), labels)
+
+
+class FedTGPClient(LocalClient):
+    def __init__(self, model, cfg, transform, num_classes: int, settings: FedTGPSettings):
+        super().__init__(model, cfg, transform, num_classes)
+        self.lam = settings.lam
+        self.register_buffer("global_protos", torch.zeros(num_classes, model.representation_dim), persistent=False)
+        self.register_buffer("known", torch.zeros(num_classes), persistent=False)
+
+    def receive(self, payload: Tensors) -> None:
+        if "protos" in payload:
+            self.global_protos.copy_(payload["protos"].to(self.global_protos))
+            self.known.fill_(1.0)
+        else:  # before the server's first step
+            self.global_protos.zero_()
+            self.known.zero_()
+
+    def phase_loss(self, phase: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if phase != "local":
+            raise self.unknown_phase(phase)
+        r = self.model.phi(x)
+        ce = F.cross_entropy(self.model.head(r), y)
+        # known is all ones or all zeros: the term is on (MSE over batch x d) or absent, without a host sync
+        return ce + self.lam * self.known[0] * F.mse_loss(r.float(), self.global_protos[y])
+
+    def prepare_eval(self, global_state: Tensors) -> None:
+        self.receive(global_state)
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        return nearest_prototype_scores(self.model.phi(x), self.global_protos, self.known)
+
+    def upload(self, x_train, y_train) -> Tensors:
+        labels, protos, _ = class_prototypes(self.model, self.transform, x_train, y_train, self.num_classes)
+        return {"labels": labels, "protos": protos}
+
+
+@register
+class FedTGP(Algorithm):
+    name = "fedtgp"
+    Settings = FedTGPSettings
+    SEARCH_SPACE = {"fedtgp.lambda": "log:0.1:100", "fedtgp.margin_max": "log:1:1000"}
+
+    def make_client(self, arch: str) -> FedTGPClient:
+        return FedTGPClient(self.private_model(arch), self.cfg, self.spec.transform, self.spec.num_classes,
+                            self.settings)
+
+    def evaluation_label(self) -> str:
+        return "personalised: each client's representation on its own test set, nearest global prototype"
+
+    def _generator(self) -> PrototypeGenerator:
+        return PrototypeGenerator(self.spec.num_classes, self.spec.representation_dim)
+
+    def initial_global(self) -> Tensors:
+        """The generator (kept on the server) and a round counter; no prototypes before the first step."""
+        return {**cpu_clone(prefixed("generator", self._generator().state_dict())), "round": torch.tensor(0)}
+
+    def download(self, global_state: Tensors, client_id: int) -> Tensors:
+        return {"protos": global_state["protos"]} if "protos" in global_state else {}
+
+    def aggregate(self, global_state: Tensors, uploads: list[Upload]) -> Tensors:
+        c = self.spec.num_classes
+        protos = torch.cat([u.tensors["protos"] for u in uploads]).float()
+        labels = torch.cat([u.tensors["labels"] for u in uploads])
+        sums = torch.zeros(c, protos.shape[1], dtype=torch.float64).index_add_(0, labels, protos.double())
+        counts = torch.bincount(labels, minlength=c)
+        present = counts > 0
+        margin = adaptive_margin(sums[present] / counts[present, None], self.settings.margin_max)
+        generator = self._generator()
+        generator.load_state_dict(unprefixed("generator", global_state))
+        round_idx = int(global_state["round"]) + 1
+        train_on_server(list(generator.parameters()), protos, labels,
+                        lambda p, y: margin_loss(generator, p, y, margin, c),
+                        epochs=self.settings.server_epochs, lr=self.cfg.lr, batch_size=self.cfg.batch_size,
+                        seed=derive_seed(self.cfg.seed, "fedtgp-server", round_idx))
+        with torch.no_grad():
+            global_protos = generator(torch.arange(c))
+        return {**cpu_clone(prefixed("generator", generator.state_dict())), "round": torch.tensor(round_idx),
+                "protos": global_protos.detach().clone(), "margin": torch.tensor(margin)}
+
+    def upload_problem(self, upload: Upload, global_state: Tensors) -> str | None:
+        return super().upload_problem(upload, global_state) or class_table_problem(
+            upload.tensors, self.spec.num_classes, {"protos": (self.spec.representation_dim,)})

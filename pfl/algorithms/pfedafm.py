@@ -1,0 +1,130 @@
+"""pFedAFM (Yi et al. 2024): a shared small extractor mixed with the private one per dimension by a private,
+trainable weight vector; only the shared extractor travels.
+
+Client k holds its private model (phi_k -> R^d, head_k), a copy of the shared extractor phi_S -> R^d (the
+zoo's CNN-5 representation by default) and a private alpha in [0, 1]^d (initialised to 1). Its prediction is
+    z = head_k(alpha * phi_k(x) + (1 - alpha) * phi_S(x)).
+With phi_S the global one, two phases each round:
+  "local":  phi_k, head_k and alpha train on CE(z, y), phi_S frozen; alpha has its own learning rate
+            (`pfedafm.alpha_lr`) and is clamped to [0, 1] after every step;
+  "shared": phi_S trains on CE(head_k(phi_S(x)), y), everything else frozen.
+phi_S goes up; the server takes the sample-weighted mean. Personalised inference: z with the phi_S the
+client received this round (not the one it trained in the "shared" phase), as the authors' code does.
+
+The authors' script keeps one alpha Parameter for all clients (so alpha is not personal from round 2), one
+optimiser across clients, and an aliased upload that makes the "average" the last client's extractor; it
+also ships the extractor's unused classifier. pfl keeps alpha per client, fresh optimisers per client
+round, a true weighted mean, and sends phi_S only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pfl.algorithms.base import (Algorithm, ClientModule, Phase, Settings, Tensors, Upload, cpu_clone, outside,
+                                 prefixed, register, setting, unprefixed, weighted_mean)
+from pfl.algorithms.fml import known_model
+
+
+@dataclass(frozen=True)
+class PFedAFMSettings(Settings):
+    alpha_lr: float = setting(0.01, "learning rate of the mixing weights alpha", low=0.0, low_open=True)
+    shared_model: str = setting("cnn5", "architecture whose representation is the shared extractor",
+                                check=known_model)
+
+
+class PFedAFMClient(ClientModule):
+    def __init__(self, model, shared: nn.Module, cfg, transform, num_classes: int, settings: PFedAFMSettings):
+        super().__init__(model, cfg, transform, num_classes)
+        self.shared = shared
+        self.alpha = nn.Parameter(torch.ones(model.representation_dim))
+        self.settings = settings
+        self.received: Tensors = cpu_clone(shared.state_dict())  # phi_S as received: used for inference
+
+    def phases(self) -> list[Phase]:
+        return [Phase("local", self.cfg.local_epochs), Phase("shared", self.cfg.local_epochs)]
+
+    def trainable_parameters(self, phase: str):
+        if phase == "local":
+            return [*self.model.parameters(), self.alpha]
+        if phase == "shared":
+            return list(self.shared.parameters())
+        raise self.unknown_phase(phase)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.head(self.alpha * self.model.phi(x) + (1 - self.alpha) * self.shared(x))
+
+    def phase_loss(self, phase: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if phase == "local":
+            return F.cross_entropy(self(x), y)
+        if phase == "shared":
+            return F.cross_entropy(self.model.head(self.shared(x)), y)
+        raise self.unknown_phase(phase)
+
+    def optimizer(self, phase: str, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        if phase != "local":
+            return super().optimizer(phase, params)
+        model = [p for p in params if p is not self.alpha]
+        return torch.optim.SGD([{"params": model}, {"params": [self.alpha], "lr": self.settings.alpha_lr}],
+                               lr=self.cfg.lr, momentum=self.cfg.momentum, weight_decay=self.cfg.weight_decay)
+
+    def after_step(self, phase: str) -> None:
+        if phase == "local":
+            with torch.no_grad():
+                self.alpha.clamp_(0.0, 1.0)
+
+    def receive(self, payload: Tensors) -> None:
+        self.received = {k: v.clone() for k, v in unprefixed("shared", payload).items()}
+        self.shared.load_state_dict(self.received)
+
+    def upload(self, x_train, y_train) -> Tensors:
+        return cpu_clone(prefixed("shared", self.shared.state_dict()))
+
+    def private_state(self) -> Tensors:
+        return {**cpu_clone(self.model.state_dict()), **cpu_clone(prefixed("shared", self.received)),
+                **cpu_clone(prefixed("mix", {"alpha": self.alpha}))}
+
+    def load_private_state(self, state: Tensors) -> None:
+        self.model.load_state_dict(outside("mix", outside("shared", state)))
+        self.received = {k: v.clone() for k, v in unprefixed("shared", state).items()}
+        self.shared.load_state_dict(self.received)
+        with torch.no_grad():
+            self.alpha.copy_(unprefixed("mix", state)["alpha"])
+
+    def on_train_epoch_start(self) -> None:
+        if self.phase == "local":
+            self.shared.eval()  # frozen: batch-norm statistics of other zoo families stay untouched
+        elif self.phase == "shared":
+            self.model.eval()
+
+    @torch.no_grad()
+    def diagnostics(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+        """How much the client leans on its own extractor: mean alpha (1: only phi_k, 0: only phi_S)."""
+        return {"alpha_mean": float(self.alpha.mean())}
+
+
+@register
+class PFedAFM(Algorithm):
+    name = "pfedafm"
+    Settings = PFedAFMSettings
+    SEARCH_SPACE = {"pfedafm.alpha_lr": "log:0.001:0.3", "weight_decay": "log:1e-5:1e-2"}
+
+    def _shared(self) -> nn.Module:
+        return self.private_model(self.settings.shared_model).phi
+
+    def make_client(self, arch: str) -> PFedAFMClient:
+        return PFedAFMClient(self.private_model(arch), self._shared(), self.cfg, self.spec.transform,
+                             self.spec.num_classes, self.settings)
+
+    def initial_global(self) -> Tensors:
+        return cpu_clone(prefixed("shared", self._shared().state_dict()))
+
+    def aggregate(self, global_state: Tensors, uploads: list[Upload]) -> Tensors:
+        return weighted_mean(uploads)
+
+    def upload_template(self, global_state: Tensors) -> Tensors:
+        return global_state
