@@ -33,11 +33,11 @@ import torch.nn.functional as F
 
 from pfl import config
 from pfl.algorithms.base import cpu_clone
+from pfl.build import build
 from pfl.data import TensorBatches
 from pfl.federation import ClientRunner, FederatedRun, MemoryStore, make_trainer
 from pfl.federation.engine import sample_clients
 from pfl.seeding import derive_seed
-from pfl.build import build
 
 
 def plain_round(cfg, setup, states: dict, global_adapter: dict, round_idx: int, models: dict) -> dict:
@@ -147,7 +147,8 @@ def main() -> None:
 
     drift = max((run.state.global_state[n] - plain_global[n]).abs().max().item() for n in plain_global)
     pfl_med, plain_med = statistics.median(pfl_times), statistics.median(plain_times)
-    print(f"\nrecipe {args.recipe}: {cfg.num_clients} clients x K={len(sample_clients(cfg.num_clients, cfg.participation, cfg.seed, 1))} "
+    per_round = len(sample_clients(cfg.num_clients, cfg.participation, cfg.seed, 1))
+    print(f"\nrecipe {args.recipe}: {cfg.num_clients} clients x K={per_round} "
           f"per round, {torch.get_num_threads()} torch threads")
     print(f"median seconds per round: pfl {pfl_med:.3f}, plain PyTorch {plain_med:.3f}")
     print(f"ratio of medians pfl / plain: {pfl_med / plain_med:.3f}")
@@ -160,7 +161,8 @@ def compare_memory(args) -> None:
     peaks = {}
     for side in ("plain", "pfl"):
         cmd = [sys.executable, __file__, "--recipe", args.recipe, "--rounds", str(args.rounds), "--warmup", "0",
-               "--side", side] + [f"--set={o}" for o in args.overrides] + (["--threads", str(args.threads)] if args.threads else [])
+               "--side", side] + [f"--set={o}" for o in args.overrides]
+        cmd += ["--threads", str(args.threads)] if args.threads else []
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0 or "peak_rss_mib" not in proc.stdout:
             sys.exit(f"--side {side} failed:\n{proc.stderr[-2000:]}")

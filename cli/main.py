@@ -7,7 +7,7 @@ import math
 import sys
 from datetime import datetime
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -109,25 +109,24 @@ def _progress() -> Progress:
 
 @app.command()
 def train(
-    recipe: Optional[str] = typer.Option(None, "--recipe", "-r",
+    recipe: str | None = typer.Option(None, "--recipe", "-r",
                                          help="bundled recipe name (see `pfl recipes`) or a .toml path"),
-    set_: Optional[List[str]] = typer.Option(None, "--set", "-s", help="override a recipe key: key=value"),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="run directory to create (must not exist)"),
-    seed: Optional[int] = typer.Option(None, "--seed", help="overrides the recipe's seed"),
+    set_: list[str] | None = typer.Option(None, "--set", "-s", help="override a recipe key: key=value"),
+    out: Path | None = typer.Option(None, "--out", "-o", help="run directory to create (must not exist)"),
+    seed: int | None = typer.Option(None, "--seed", help="overrides the recipe's seed"),
     precision: str = typer.Option("32-true", "--precision", help="32-true, bf16-mixed, 16-mixed (GPU), ..."),
     accelerator: str = typer.Option("cpu", "--accelerator", help="cpu, gpu, cuda, mps, auto"),
     devices: str = typer.Option("1", "--devices", help="1, or one device index such as [1]"),
-    engine: Optional[str] = typer.Option(None, "--engine", help="local (in this process) or flower (Flower "
+    engine: str | None = typer.Option(None, "--engine", help="local (in this process) or flower (Flower "
                                          "simulation with Ray); overrides the recipe's `engine`"),
-    resume: Optional[Path] = typer.Option(None, "--resume", help="continue the interrupted run that was "
+    resume: Path | None = typer.Option(None, "--resume", help="continue the interrupted run that was "
                                           "writing this directory, from its newest checkpoint"),
 ) -> None:
     """Run a recipe and write a run directory (config, metrics.csv, summary.json, plot, final state)."""
     _interrupt_on_sigterm()
-    from pfl import config
-    from pfl.errors import PflUserError, RunFailed
+    from pfl import config, rundir
     from pfl import run as run_mod
-    from pfl import rundir
+    from pfl.errors import PflUserError, RunFailed
 
     if resume is not None:
         _resume(resume, recipe, set_, out, seed, engine)
@@ -167,8 +166,8 @@ def _interrupted(target) -> None:
 
 
 def _resume(run_dir: Path, recipe, set_, out, seed, engine) -> None:
-    from pfl.errors import PflUserError, RunFailed
     from pfl import run as run_mod
+    from pfl.errors import PflUserError, RunFailed
 
     given = [name for name, value in (("--recipe", recipe), ("--set", set_), ("--out", out), ("--seed", seed),
                                       ("--engine", engine)) if value]
@@ -183,7 +182,7 @@ def _resume(run_dir: Path, recipe, set_, out, seed, engine) -> None:
                 progress.update(callbacks.rounds_task, completed=start_round)
                 return callbacks
 
-            cfg, summary, _ = run_mod.resume(run_dir, make_callbacks)
+            _cfg, summary, _ = run_mod.resume(run_dir, make_callbacks)
     except PflUserError as exc:
         _fail(str(exc))
     except RunFailed as exc:
@@ -208,9 +207,11 @@ def _print_run(run_dir: Path, summary: dict[str, Any]) -> None:
     totals = Table(title="run summary", show_header=False)
     totals.add_column("", style="bold")
     totals.add_column("")
-    totals.add_row("final mean accuracy", f"{100 * final['acc_mean']:.2f}% (weighted {100 * final['acc_weighted']:.2f}%, "
+    totals.add_row("final mean accuracy",
+                   f"{100 * final['acc_mean']:.2f}% (weighted {100 * final['acc_weighted']:.2f}%, "
                    f"std {100 * final['acc_std']:.2f}, min {100 * final['acc_min']:.2f}%)")
-    totals.add_row("best mean accuracy", f"{100 * best['acc_mean']:.2f}% at round {best['round']} (not the final result)")
+    totals.add_row("best mean accuracy",
+                   f"{100 * best['acc_mean']:.2f}% at round {best['round']} (not the final result)")
     totals.add_row("evaluation", summary["evaluation"])
     rounds = max(summary["rounds"], 1)
     totals.add_row("bytes per round", f"up {summary['bytes_up_total'] / rounds:,.0f}, "
@@ -231,24 +232,23 @@ def _print_run(run_dir: Path, summary: dict[str, Any]) -> None:
 @app.command()
 def deploy(
     recipe: str = typer.Option(..., "--recipe", "-r", help="bundled recipe name or a .toml path"),
-    set_: Optional[List[str]] = typer.Option(None, "--set", "-s", help="override a recipe key: key=value"),
+    set_: list[str] | None = typer.Option(None, "--set", "-s", help="override a recipe key: key=value"),
     supernodes: int = typer.Option(3, "--supernodes", "-n", help="SuperNodes to start; node p serves the "
                                    "clients k with k mod SUPERNODES = p"),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="run directory to create (must not exist)"),
-    seed: Optional[int] = typer.Option(None, "--seed", help="overrides the recipe's seed"),
+    out: Path | None = typer.Option(None, "--out", "-o", help="run directory to create (must not exist)"),
+    seed: int | None = typer.Option(None, "--seed", help="overrides the recipe's seed"),
     precision: str = typer.Option("32-true", "--precision", help="clients' Lightning precision"),
     accelerator: str = typer.Option("cpu", "--accelerator", help="clients' accelerator: cpu or gpu"),
 ) -> None:
     """Run a recipe on a real Flower deployment on this machine: a SuperLink, SUPERNODES SuperNodes and
     `flwr run` of pfl's Flower app, each its own process over loopback; all of them stopped at the end."""
     _interrupt_on_sigterm()
-    from pfl import config
-    from pfl.errors import PflUserError, RunFailed
+    from pfl import config, rundir
     from pfl import run as run_mod
-    from pfl import rundir
+    from pfl.errors import PflUserError, RunFailed
 
     try:
-        cfg, source = config.load(recipe, (set_ or []) + ["engine=flower"], seed)
+        cfg, _source = config.load(recipe, (set_ or []) + ["engine=flower"], seed)
         if supernodes < 1:
             raise PflUserError(f"--supernodes: must be >= 1, got {supernodes}")
         target = out or Path("runs") / f"{cfg.name}-{cfg.method}-deploy-{datetime.now():%Y%m%d-%H%M%S}"
@@ -280,7 +280,7 @@ def deploy(
 @app.command("eval")
 def eval_(
     run_dir: Path = typer.Argument(..., help="a run directory written by `pfl train`"),
-    data_dir: Optional[str] = typer.Option(None, "--data-dir", help="where the data set is, if it moved"),
+    data_dir: str | None = typer.Option(None, "--data-dir", help="where the data set is, if it moved"),
     precision: str = typer.Option("32-true", "--precision"),
     accelerator: str = typer.Option("cpu", "--accelerator"),
     devices: str = typer.Option("1", "--devices"),
@@ -293,7 +293,7 @@ def eval_(
     from pfl.rundir import read_per_client
 
     try:
-        cfg, rows = evaluate_run(run_dir, Hardware(accelerator, _parse_devices(devices), precision), data_dir)
+        _cfg, rows = evaluate_run(run_dir, Hardware(accelerator, _parse_devices(devices), precision), data_dir)
         differences = version_differences(run_dir)
         if differences:  # results may differ in the last bits; say why before anyone compares them
             err_console.print(f"warning: this run was made with other versions: {'; '.join(differences)}",
@@ -357,7 +357,7 @@ class RunsProgress:
                                         highlight=False, soft_wrap=True)
 
 
-def _resources(jobs: int, cpus_per_run: Optional[float], gpus_per_run: float, ray_address: Optional[str], hw):
+def _resources(jobs: int, cpus_per_run: float | None, gpus_per_run: float, ray_address: str | None, hw):
     import os
 
     from pfl.parallel import check_resources
@@ -373,26 +373,26 @@ RAY_HELP = "an existing Ray cluster to run on (default: $RAY_ADDRESS, else a loc
 
 @app.command()
 def compare(
-    recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="recipe to run every method on"),
-    methods: Optional[str] = typer.Option(None, "--methods", "-m",
+    recipe: str | None = typer.Option(None, "--recipe", "-r", help="recipe to run every method on"),
+    methods: str | None = typer.Option(None, "--methods", "-m",
                                           help="comma-separated methods (default: pFedLoRA and the six baselines)"),
-    set_: Optional[List[str]] = typer.Option(None, "--set", "-s", help="override a recipe key for all runs: key=value"),
+    set_: list[str] | None = typer.Option(None, "--set", "-s", help="override a recipe key for all runs: key=value"),
     seeds: int = typer.Option(1, "--seeds", help="number of seeds: the recipe's seed, seed+1, ..."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="first seed (default: the recipe's)"),
-    from_: Optional[List[Path]] = typer.Option(None, "--from", help="build the comparison from existing run or "
+    seed: int | None = typer.Option(None, "--seed", help="first seed (default: the recipe's)"),
+    from_: list[Path] | None = typer.Option(None, "--from", help="build the comparison from existing run or "
                                                "comparison directories instead of running"),
-    more: Optional[List[Path]] = typer.Argument(None, help="more directories for --from", show_default=False),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="comparison directory; finished runs in it are "
+    more: list[Path] | None = typer.Argument(None, help="more directories for --from", show_default=False),
+    out: Path | None = typer.Option(None, "--out", "-o", help="comparison directory; finished runs in it are "
                                        "reused, interrupted ones resumed"),
     tune_trials: int = typer.Option(0, "--tune-trials", help="tune every method first with this many trials "
                                     "(same budget, pruner and rounds for all) on validation data, then run the "
                                     "seeds with each method's best values; 0: every method at its defaults"),
-    tune_rounds: Optional[int] = typer.Option(None, "--tune-rounds", help="rounds per tuning trial (default: the "
+    tune_rounds: int | None = typer.Option(None, "--tune-rounds", help="rounds per tuning trial (default: the "
                                               "recipe's rounds)"),
     jobs: int = typer.Option(1, "--jobs", "-j", help=JOBS_HELP),
-    cpus_per_run: Optional[float] = typer.Option(None, "--cpus-per-run", help=CPUS_HELP),
+    cpus_per_run: float | None = typer.Option(None, "--cpus-per-run", help=CPUS_HELP),
     gpus_per_run: float = typer.Option(0.0, "--gpus-per-run", help=GPUS_HELP),
-    ray_address: Optional[str] = typer.Option(None, "--ray-address", help=RAY_HELP),
+    ray_address: str | None = typer.Option(None, "--ray-address", help=RAY_HELP),
     precision: str = typer.Option("32-true", "--precision"),
     accelerator: str = typer.Option("cpu", "--accelerator"),
     devices: str = typer.Option("1", "--devices"),
@@ -499,21 +499,21 @@ def compare(
 def tune(
     recipe: str = typer.Option(..., "--recipe", "-r", help="bundled recipe name or a .toml path"),
     method: str = typer.Option(..., "--method", "-m", help="the method to tune"),
-    space: Optional[List[str]] = typer.Option(None, "--space", help="a tuned key: KEY=SPEC with SPEC LOW:HIGH, "
+    space: list[str] | None = typer.Option(None, "--space", help="a tuned key: KEY=SPEC with SPEC LOW:HIGH, "
                                               "log:LOW:HIGH, int:LOW:HIGH, int:log:LOW:HIGH or V1,V2,...; "
                                               "default: the method's own search space"),
     trials: int = typer.Option(12, "--trials", "-t", help="trials in the study (a rerun continues it up to this)"),
     seeds: int = typer.Option(1, "--seeds", help="seeds per trial; the objective is their mean"),
-    seed: Optional[int] = typer.Option(None, "--seed", help="first seed, and the sampler's (default: the recipe's)"),
-    rounds: Optional[int] = typer.Option(None, "--rounds", help="rounds per trial (default: the recipe's)"),
-    val_fraction: Optional[float] = typer.Option(None, "--val-fraction", help="share of each client's training "
+    seed: int | None = typer.Option(None, "--seed", help="first seed, and the sampler's (default: the recipe's)"),
+    rounds: int | None = typer.Option(None, "--rounds", help="rounds per trial (default: the recipe's)"),
+    val_fraction: float | None = typer.Option(None, "--val-fraction", help="share of each client's training "
                                                  "data held out for validation (default: the recipe's, else 0.2)"),
-    set_: Optional[List[str]] = typer.Option(None, "--set", "-s", help="override a recipe key: key=value"),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="tune directory; the same command continues it"),
+    set_: list[str] | None = typer.Option(None, "--set", "-s", help="override a recipe key: key=value"),
+    out: Path | None = typer.Option(None, "--out", "-o", help="tune directory; the same command continues it"),
     jobs: int = typer.Option(1, "--jobs", "-j", help=JOBS_HELP),
-    cpus_per_run: Optional[float] = typer.Option(None, "--cpus-per-run", help=CPUS_HELP),
+    cpus_per_run: float | None = typer.Option(None, "--cpus-per-run", help=CPUS_HELP),
     gpus_per_run: float = typer.Option(0.0, "--gpus-per-run", help=GPUS_HELP),
-    ray_address: Optional[str] = typer.Option(None, "--ray-address", help=RAY_HELP),
+    ray_address: str | None = typer.Option(None, "--ray-address", help=RAY_HELP),
     precision: str = typer.Option("32-true", "--precision"),
     accelerator: str = typer.Option("cpu", "--accelerator"),
     devices: str = typer.Option("1", "--devices"),
@@ -572,9 +572,9 @@ def _print_tune(result) -> None:
 @app.command()
 def recipes(
     keys: bool = typer.Option(False, "--keys", help="list every recipe key with its default"),
-    resolve: Optional[str] = typer.Option(None, "--resolve", help="print this recipe (name or path) fully "
+    resolve: str | None = typer.Option(None, "--resolve", help="print this recipe (name or path) fully "
                                           "resolved, every key with its value, as TOML"),
-    set_: Optional[List[str]] = typer.Option(None, "--set", "-s", help="with --resolve: override a key"),
+    set_: list[str] | None = typer.Option(None, "--set", "-s", help="with --resolve: override a key"),
 ) -> None:
     """List the bundled recipes (or, with --keys, every recipe key; with --resolve, one recipe resolved)."""
     from pfl import config
@@ -608,10 +608,10 @@ def recipes(
 
 @app.command()
 def models(
-    recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="size the models for this recipe's input, "
+    recipe: str | None = typer.Option(None, "--recipe", "-r", help="size the models for this recipe's input, "
                                          "classes and representation_dim, and list its zoo (default: every model, "
                                          "Fashion-MNIST-sized input)"),
-    set_: Optional[List[str]] = typer.Option(None, "--set", "-s", help="override a recipe key"),
+    set_: list[str] | None = typer.Option(None, "--set", "-s", help="override a recipe key"),
     all_: bool = typer.Option(False, "--all", help="with --recipe: every registered model, not only its zoo"),
 ) -> None:
     """List the model zoo: parameters and forward FLOPs per sample of each architecture for the recipe's input."""

@@ -21,19 +21,20 @@ import io
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from pfl import config as config_mod
 from pfl.algorithms import ALGORITHMS, PAPER_METHODS
 from pfl.config import HYPERPARAMETERS
+from pfl.errors import ConfigError, RunDirError
 from pfl.parallel import RunOutcome, RunSpec, check_reusable, finished, run_all
 from pfl.rundir import load_run_config
 from pfl.schema import Config
-from pfl.errors import ConfigError, RunDirError
 
 REFERENCE = "pfedlora"
 # Keys that may differ between the runs of one comparison; every other key is the protocol and must match.
@@ -381,8 +382,9 @@ def plot_comparison(records: list[RunRecord], by_round: Path, by_bytes: Path, su
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import textwrap
+
+    import matplotlib.pyplot as plt
 
     by_method: dict[str, list[RunRecord]] = {}
     for r in sorted(records, key=_method_order):

@@ -9,17 +9,28 @@ from __future__ import annotations
 
 import math
 import tomllib
+from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from pfl.algorithms import ALGORITHMS
 from pfl.errors import ConfigError
 from pfl.models import MODEL_REGISTRY, ZOOS
 from pfl.schema import Config, Field
 
-__all__ = ["Config", "Field", "SCHEMA", "full_schema", "load", "resolve", "from_toml", "read_recipe_file",
-           "parse_override", "list_recipes"]
+__all__ = [
+    "SCHEMA",
+    "Config",
+    "Field",
+    "from_toml",
+    "full_schema",
+    "list_recipes",
+    "load",
+    "parse_override",
+    "read_recipe_file",
+    "resolve",
+]
 
 
 def _image_shape(value: list[int]) -> str | None:
@@ -202,7 +213,7 @@ def _cross_checks(cfg: Config, methods: Mapping[str, Any]) -> None:
     if cfg.partition == "pathological" and cfg.classes_per_client > cfg.num_classes:
         raise ConfigError(f"recipe key 'classes_per_client': must be <= the {cfg.num_classes} classes "
                           f"of {cfg.dataset}, got {cfg.classes_per_client}")
-    sampled = max(1, int(math.floor(cfg.participation * cfg.num_clients + 0.5)))
+    sampled = max(1, math.floor(cfg.participation * cfg.num_clients + 0.5))
     if cfg.min_clients > sampled:
         raise ConfigError(f"recipe key 'min_clients': must be <= the {sampled} clients sampled per round "
                           f"(participation x num_clients), got {cfg.min_clients}")

@@ -18,9 +18,10 @@ import logging
 import os
 import shutil
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -151,7 +152,7 @@ def execute_run(spec: RunSpec, hw: Hardware, threads: int | None, emit: Callable
             return RunOutcome(spec.label, d, "reused", summary=_summary(d))
         found = rundir.resumable(d)
         if found is not None:
-            staging, round_idx = found
+            staging, _round_idx = found
             check_same_config(staging, cfg)
             _, summary, resumed = resume(d, lambda _cfg, _start: callbacks, extra_summary=spec.extra_summary)
             return RunOutcome(spec.label, d, "resumed", f"from round {resumed or 0}", resumed or 0, summary)
@@ -164,7 +165,8 @@ def execute_run(spec: RunSpec, hw: Hardware, threads: int | None, emit: Callable
         return RunOutcome(spec.label, d, "failed", f"{type(exc).__name__}: {exc}")
     except Exception as exc:  # a bug or a broken environment in one run must not take the others down
         log.error("run %s failed:\n%s", spec.label, traceback.format_exc())
-        return RunOutcome(spec.label, d, "failed", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        first_line = str(exc).splitlines()[0] if str(exc) else ""
+        return RunOutcome(spec.label, d, "failed", f"{type(exc).__name__}: {first_line}")
 
 
 def _summary(run_dir: Path) -> dict[str, Any]:

@@ -15,8 +15,9 @@ Run directory layout (written to a hidden sibling and renamed into place only wh
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from pfl import checkpoint, rundir
 from pfl import config as config_mod
@@ -27,7 +28,7 @@ from pfl.federation.engine import LocalWorkers
 from pfl.report import MetricsFlusher, write_report
 from pfl.schema import Config
 
-__all__ = ["Hardware", "train", "resume", "evaluate_run", "build", "check_hardware", "check_engine"]
+__all__ = ["Hardware", "build", "check_engine", "check_hardware", "evaluate_run", "resume", "train"]
 
 
 def train(cfg: Config, out: Path, hw: Hardware, callbacks: Callbacks | None = None,

@@ -7,8 +7,9 @@ and the recipe reader (which needs the methods' keys) can both import it without
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 

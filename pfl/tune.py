@@ -34,9 +34,10 @@ import functools
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import tomli_w
 
@@ -46,9 +47,9 @@ from pfl.build import Hardware
 from pfl.config import HYPERPARAMETERS
 from pfl.errors import ConfigError, RunDirError, RunFailed, RunStopped
 from pfl.federation import Callbacks
-from pfl.seeding import derive_seed
 from pfl.parallel import Resources, RunOutcome, RunSpec, run_all
 from pfl.schema import Config
+from pfl.seeding import derive_seed
 
 OBJECTIVE_ROUNDS = 3
 PRUNER_STARTUP = 2
@@ -381,7 +382,7 @@ def _finish_trials(plan, study, trials, hw, resources, on_event, on_outcome) -> 
 
     specs = [s for trial_id, number, values in trials for s in _specs(plan, trial_id, number, values)]
     outcomes = run_all(specs, hw, resources, on_event, on_outcome)
-    for i, (trial_id, number, _) in enumerate(trials):
+    for i, (_trial_id, number, _) in enumerate(trials):
         mine = outcomes[i * plan.seeds:(i + 1) * plan.seeds]
         if any(o.status == "failed" for o in mine):
             study.tell(number, state=TrialState.FAIL, skip_if_finished=True)

@@ -10,8 +10,8 @@ import pytest
 
 os.environ.setdefault("PYTHONHASHSEED", "0")
 
-from pfl import config  # noqa: E402
-from pfl.federation.engine import quiet_lightning  # noqa: E402
+from pfl import config
+from pfl.federation.engine import quiet_lightning
 
 quiet_lightning()
 

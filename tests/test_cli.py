@@ -36,7 +36,8 @@ def test_train_smoke_end_to_end_and_eval_reproduces_final_accuracy(tmp_path):
     assert ev.returncode == 0, ev.stderr
     recomputed = {r["client_id"]: r["accuracy"] for r in json.loads(ev.stdout)}
     import csv
-    recorded = {int(r["client_id"]): float(r["accuracy"]) for r in csv.DictReader(open(out / "per_client.csv"))}
+    with open(out / "per_client.csv") as fh:
+        recorded = {int(r["client_id"]): float(r["accuracy"]) for r in csv.DictReader(fh)}
     assert recomputed.keys() == recorded.keys()
     for k in recorded:
         assert math.isclose(recomputed[k], recorded[k], abs_tol=1e-9)
@@ -48,7 +49,10 @@ def test_same_seed_same_metrics(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     for out in (a, b):
         assert pfl("train", "--recipe", "smoke", "--out", str(out), "--set", "rounds=2").returncode == 0
-    strip = lambda p: [",".join(line.split(",")[:-2]) for line in (p / "metrics.csv").read_text().splitlines()]
+
+    def strip(p):
+        return [",".join(line.split(",")[:-2]) for line in (p / "metrics.csv").read_text().splitlines()]
+
     assert strip(a) == strip(b)  # all but the two timing columns
 
 
@@ -67,19 +71,23 @@ BAD = [
     (["train", "--recipe", "smoke", "--set", "participation=2"], "recipe key 'participation'"),
     (["train", "--recipe", "smoke", "--set", "pfedlora.rank=0"], "recipe key 'pfedlora.rank'"),
     (["train", "--recipe", "smoke", "--set", "noequals"], "expected key=value"),
-    (["train", "--recipe", "smoke", "--set", "dataset=cifar10", "--set", "download=false", "--set", "data_dir=/nonexistent/x"],
+    (["train", "--recipe", "smoke", "--set", "dataset=cifar10", "--set", "download=false",
+      "--set", "data_dir=/nonexistent/x"],
      "dataset 'cifar10': cifar-10-batches-py/ not found in /nonexistent/x"),
     (["train", "--recipe", "smoke", "--out", "/proc/pfl-run"], "--out: cannot create '/proc/pfl-run'"),
     (["train", "--recipe", "smoke", "--precision", "16-mixed"], "--precision: 16-mixed (float16) needs a GPU"),
     (["train", "--recipe", "smoke", "--precision", "8-bit"], "--precision: must be one of"),
-    (["train", "--recipe", "smoke", "--accelerator", "cuda"], "--accelerator/--devices/--precision: cuda/1/32-true cannot"),
+    (["train", "--recipe", "smoke", "--accelerator", "cuda"],
+     "--accelerator/--devices/--precision: cuda/1/32-true cannot"),
     (["train", "--recipe", "smoke", "--devices", "2"], "--devices: the local engine trains one client at a time"),
     (["train", "--recipe", "smoke", "--devices", "two"], "--devices: must be a count"),
     (["train", "--recipe", "smoke", "--engine", "spark"], "recipe key 'engine': must be one of local, flower"),
-    (["train", "--recipe", "smoke", "--set", "min_clients=5"], "recipe key 'min_clients': must be <= the 4 clients sampled"),
+    (["train", "--recipe", "smoke", "--set", "min_clients=5"],
+     "recipe key 'min_clients': must be <= the 4 clients sampled"),
     (["train", "--recipe", "smoke", "--set", "flower.num_supernodes=9"],
      "recipe key 'flower.num_supernodes': must be <= num_clients (4), got 9"),
-    (["train", "--recipe", "smoke", "--set", "flower.client_cpus=0"], "recipe key 'flower.client_cpus': must be a number > 0"),
+    (["train", "--recipe", "smoke", "--set", "flower.client_cpus=0"],
+     "recipe key 'flower.client_cpus': must be a number > 0"),
     (["train", "--recipe", "smoke", "--set", "flower.round_timeout=-1"], "recipe key 'flower.round_timeout'"),
     (["train", "--recipe", "smoke", "--set", "num_clients=0"], "recipe key 'num_clients': must be an integer >= 1"),
     (["train", "--recipe", "smoke", "--set", "participation=0"], "recipe key 'participation': must be a number > 0"),
@@ -90,13 +98,16 @@ BAD = [
     (["train", "--recipe", "smoke", "--set", "rounds=1.5"], "recipe key 'rounds': must be an integer >= 1"),
     (["train", "--recipe", "smoke", "--set", "classes_per_client=5"],
      "recipe key 'classes_per_client': must be <= the 4 classes of synthetic"),
-    (["train", "--recipe", "smoke", "--set", "pfedlora.rank=501"], "recipe key 'pfedlora.rank': must be an integer in [1, 500]"),
+    (["train", "--recipe", "smoke", "--set", "pfedlora.rank=501"],
+     "recipe key 'pfedlora.rank': must be an integer in [1, 500]"),
     (["train", "--recipe", "smoke", "--set", "method=fedx"], "recipe key 'method': must be one of"),
     (["train", "--recipe", "smoke", "--set", "model_zoo=[\"cnn9\"]"], "recipe key 'model_zoo': unknown model 'cnn9'"),
-    (["train", "--recipe", "smoke", "--set", "dirichlet_alpha=0"], "recipe key 'dirichlet_alpha': must be a number > 0"),
+    (["train", "--recipe", "smoke", "--set", "dirichlet_alpha=0"],
+     "recipe key 'dirichlet_alpha': must be a number > 0"),
     (["train", "--recipe", "smoke", "--set", "test_fraction=1"], "recipe key 'test_fraction'"),
     (["train", "--recipe", "smoke", "--set", "eval_every=0"], "recipe key 'eval_every': must be an integer >= 1"),
-    (["train", "--recipe", "smoke", "--set", "checkpoint_every=-1"], "recipe key 'checkpoint_every': must be an integer >= 0"),
+    (["train", "--recipe", "smoke", "--set", "checkpoint_every=-1"],
+     "recipe key 'checkpoint_every': must be an integer >= 0"),
     (["train", "--recipe", "smoke", "--set", "dataset=mnist"], "recipe key 'dataset': must be one of"),
     (["train", "--recipe", "smoke", "--set", "method=fedkd", "--set", "fedkd.energy_start=0.99", "--set",
       "fedkd.energy_end=0.9"],
@@ -107,7 +118,8 @@ BAD = [
     (["train", "--recipe", "smoke", "--out", "{finished}"], "--out: '{finished}' already exists and is not empty"),
     (["train", "--resume", "{finished}"], "--resume: '{finished}' is a finished run; there is nothing to resume"),
     (["train", "--resume", "/nonexistent/run"], "--resume: no interrupted run of '/nonexistent/run' was found"),
-    (["train", "--resume", "{finished}", "--set", "rounds=9"], "--resume: continues the run exactly as it was configured; drop --set"),
+    (["train", "--resume", "{finished}", "--set", "rounds=9"],
+     "--resume: continues the run exactly as it was configured; drop --set"),
     (["eval", "/nonexistent/run"], "RUN_DIR: '/nonexistent/run' is not a directory"),
     (["eval", "{finished}", "--precision", "16-mixed"], "--precision: 16-mixed (float16) needs a GPU"),
     (["compare", "--recipe", "smoke", "--methods", "pfedlora,nope"], "--methods"),
@@ -126,7 +138,8 @@ def _snapshot(directory: Path) -> dict:
     return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
-@pytest.mark.parametrize("args, message", BAD, ids=[" ".join(a[:1] + a[3:] if a[1:2] == ["--recipe"] else a) for a, _ in BAD])
+@pytest.mark.parametrize("args, message", BAD,
+                         ids=[" ".join(a[:1] + a[3:] if a[1:2] == ["--recipe"] else a) for a, _ in BAD])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, monkeypatch, finished_run, args, message):
     """The CLI in-process (Typer's runner: the same code path as the `pfl` command, without paying a
     Python start per row): exit 2, one line naming the problem, nothing written, a finished run untouched."""
@@ -204,7 +217,8 @@ def test_cifar10_recipe_runs_end_to_end_on_a_cifar_format_archive(tmp_path):
     header = (out / "metrics.csv").read_text().splitlines()[0].split(",")
     assert {"adapter_logit_ratio", "train_acc_with_adapter", "train_acc_head_only"} <= set(header)
     import csv
-    archs = [r["arch"] for r in csv.DictReader(open(out / "per_client.csv"))]
+    with open(out / "per_client.csv") as fh:
+        archs = [r["arch"] for r in csv.DictReader(fh)]
     assert archs == ["cnn1", "cnn2", "cnn3", "cnn4", "cnn5"]
 
 

@@ -54,7 +54,8 @@ def test_set_values_are_read_as_toml_and_bare_words_as_strings():
 def test_unknown_key_in_a_recipe_file_is_rejected(tmp_path):
     path = tmp_path / "r.toml"
     path.write_text('dataset = "synthetic"\n[pfedlora]\nranks = 4\n')
-    with pytest.raises(ConfigError, match="recipe key 'pfedlora.ranks': unknown recipe key; did you mean pfedlora.rank"):
+    with pytest.raises(ConfigError,
+                       match=r"recipe key 'pfedlora.ranks': unknown recipe key; did you mean pfedlora.rank"):
         config.load(str(path))
 
 

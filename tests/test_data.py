@@ -4,11 +4,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import make_cifar10_archive
 
 from pfl.data.datasets import DEBIAN_FMNIST_DIR, load_cifar, load_fmnist
 from pfl.errors import DataError
-
-from conftest import make_cifar10_archive
 
 
 def test_cifar10_archive_in_the_real_format_loads_through_the_cifar_code_path(tmp_path):

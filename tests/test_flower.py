@@ -17,17 +17,17 @@ import torch
 
 pytest.importorskip("flwr", reason="the flower extra is not installed: pip install '.[flower]'")
 
-from flwr.app import Message, RecordDict  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
+from flwr.app import Message, RecordDict
+from safetensors.torch import load_file, save_file
 
-from pfl import config  # noqa: E402
-from pfl.errors import RunFailed  # noqa: E402
-from pfl.flower.app import from_record, to_record  # noqa: E402
-from pfl.federation import ClientRunner, FederatedRun, MemoryStore, make_trainer  # noqa: E402
-from pfl.federation.engine import LocalWorkers  # noqa: E402
-from pfl.flower.deploy import descendants  # noqa: E402
-from pfl.run import Hardware, build, train  # noqa: E402
-from tests.conftest import SMOKE  # noqa: E402
+from pfl import config
+from pfl.errors import RunFailed
+from pfl.federation import ClientRunner, FederatedRun, MemoryStore, make_trainer
+from pfl.federation.engine import LocalWorkers
+from pfl.flower.app import from_record, to_record
+from pfl.flower.deploy import descendants
+from pfl.run import Hardware, build, train
+from tests.conftest import SMOKE
 
 pytestmark = pytest.mark.flower
 REPO = Path(__file__).resolve().parents[1]
@@ -97,8 +97,8 @@ def read_rows(path: Path) -> list[dict]:
 @pytest.mark.parametrize("method", ["pfedlora", "fedkd"])
 def test_simulation_equals_local_run_bit_for_bit(tmp_path, method):
     """3 clients, 2 rounds through Flower's simulation (Ray actors, 1 thread each; the server with 1 thread)
-    end exactly where the local engine ends with 1 thread: private states survive between rounds on the nodes, and the server
-    state (FedKD: mentee, compressed update, per-client versions) travels exactly."""
+    end exactly where the local engine ends with 1 thread: private states survive between rounds on the nodes,
+    and the server state (FedKD: mentee, compressed update, per-client versions) travels exactly."""
     cfg = _cfg(method=method)
     flower_dir, local_dir = tmp_path / "flower", tmp_path / "local"
     threads = torch.get_num_threads()
@@ -112,8 +112,8 @@ def test_simulation_equals_local_run_bit_for_bit(tmp_path, method):
     timing = {"train_seconds", "eval_seconds"}
     flower_rows, local_rows = read_rows(flower_dir / "metrics.csv"), read_rows(local_dir / "metrics.csv")
     assert len(flower_rows) == 2
-    for f, l in zip(flower_rows, local_rows):
-        assert {k: v for k, v in f.items() if k not in timing} == {k: v for k, v in l.items() if k not in timing}
+    for f, loc in zip(flower_rows, local_rows):
+        assert {k: v for k, v in f.items() if k not in timing} == {k: v for k, v in loc.items() if k not in timing}
     assert read_rows(flower_dir / "per_client.csv") == read_rows(local_dir / "per_client.csv")
     for k in range(3):
         name = f"state/clients/client_{k:05d}.safetensors"
@@ -140,7 +140,8 @@ def test_simulation_drops_crashed_hung_nan_and_misshaped_clients(tmp_path, caplo
     rows = read_rows(tmp_path / "run" / "metrics.csv")
     assert [int(r["clients_dropped"]) for r in rows] == [0, 4]
     assert summary["clients_dropped_total"] == 4
-    reasons = {r.getMessage().split(":", 1)[1] for r in caplog.records if "dropped from the aggregate" in r.getMessage()}
+    reasons = {r.getMessage().split(":", 1)[1] for r in caplog.records
+               if "dropped from the aggregate" in r.getMessage()}
     assert any("client 1 dropped" in r and "'adapter.A' has non-finite values" in r for r in reasons), reasons
     assert any("client 2 dropped" in r and "the client failed" in r and "injected crash" in r for r in reasons)
     assert any("client 3 dropped" in r and "no reply within 20 s" in r for r in reasons), reasons

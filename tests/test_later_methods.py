@@ -5,13 +5,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from test_baselines import C, D, method_cfg, setup
 
 from pfl.algorithms import ALGORITHMS, Upload
+from pfl.algorithms.base import payload_params
 from pfl.algorithms.fedssa import fusion_weight
 from pfl.algorithms.fedtgp import adaptive_margin, class_gaps, margin_loss
-from pfl.algorithms.base import payload_params
 from pfl.models import build_model, count_parameters
-from test_baselines import C, D, method_cfg, setup
 
 
 def _algo(make_cfg, method, **extra):
@@ -136,7 +136,7 @@ def test_fedmrl_nested_representation_loss_and_weighted_mean(make_cfg):
 def test_fedmrl_small_dim_above_d_is_refused(make_cfg):
     from pfl.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="fedmrl.small_dim"):
+    with pytest.raises(ConfigError, match=r"fedmrl\.small_dim"):
         method_cfg(make_cfg, "fedmrl", **{"fedmrl.small_dim": 501})
 
 

@@ -47,7 +47,8 @@ def test_two_jobs_give_the_table_of_one_job(sequential, tmp_path, no_ray_left):
     assert "2 at once (1 thread(s) each)" in res.stdout
     assert table(out / "comparison.csv") == table(sequential / "comparison.csv")
     for run in (sequential / "runs").iterdir():  # every round of every run, bit for bit
-        mine = [{k: v for k, v in r.items() if "seconds" not in k} for r in table(out / "runs" / run.name / "metrics.csv")]
+        mine = [{k: v for k, v in r.items() if "seconds" not in k}
+                for r in table(out / "runs" / run.name / "metrics.csv")]
         theirs = [{k: v for k, v in r.items() if "seconds" not in k} for r in table(run / "metrics.csv")]
         assert mine == theirs, run.name
 

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 
 from pfl import config
-from pfl.data.partition import build_clients, dirichlet, iid, partition_indices, pathological
 from pfl.data import make_synthetic
+from pfl.data.partition import build_clients, dirichlet, iid, partition_indices, pathological
 
 LABELS = np.repeat(np.arange(10), 300)  # 10 classes x 300 samples
 

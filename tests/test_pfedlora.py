@@ -129,7 +129,7 @@ def test_inference_adapter_switch(make_cfg):
 
 def test_rank_above_representation_dim_is_rejected(make_cfg):
     from pfl.errors import ConfigError
-    with pytest.raises(ConfigError, match="pfedlora.rank"):
+    with pytest.raises(ConfigError, match=r"pfedlora.rank"):
         make_cfg({"pfedlora.rank": 501})
 
 
@@ -150,7 +150,8 @@ def test_local_engine_rejects_a_non_finite_or_misshaped_update(make_cfg):
     """Whatever the engine, the round loop checks every update before the server step sees it."""
     cfg = make_cfg()
     algo, clients, archs = setup(cfg)
-    run = FederatedRun.local(cfg, clients, archs, algo, MemoryStore(), ClientRunner(make_trainer(grad_clip=cfg.grad_clip)))
+    run = FederatedRun.local(cfg, clients, archs, algo, MemoryStore(),
+                             ClientRunner(make_trainer(grad_clip=cfg.grad_clip)))
     run.initialise()
     train = run.workers.train
 

@@ -89,7 +89,8 @@ def test_sigkill_at_random_points_then_resume_equals_an_uninterrupted_run(tmp_pa
     summary = json.loads((out / "summary.json").read_text())
     assert summary["resumed_from_round"] == resumed_from[-1]
     assert rows(out / "metrics.csv") == rows(reference / "metrics.csv")
-    assert list(csv.DictReader(open(out / "per_client.csv"))) == list(csv.DictReader(open(reference / "per_client.csv")))
+    with open(out / "per_client.csv") as mine, open(reference / "per_client.csv") as theirs:
+        assert list(csv.DictReader(mine)) == list(csv.DictReader(theirs))
     assert same_state(out, reference)
     assert staging_of(out) is None and not list(out.glob("checkpoint*"))
 
@@ -157,7 +158,7 @@ def test_truncated_or_altered_checkpoint_is_reported_by_name(interrupted):
 
 
 def test_resume_of_a_running_or_finished_run_is_refused(interrupted, tmp_path):
-    out, staging = interrupted
+    out, _staging = interrupted
     running = start("train", "--resume", str(out))  # a resumed run names its own pid: a second resume sees it
     try:
         deadline = time.monotonic() + 120

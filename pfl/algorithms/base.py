@@ -17,8 +17,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import lightning as L
 import torch
@@ -28,7 +29,6 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from pfl.data.batches import BatchTransform
 from pfl.schema import Config, Field, Tensors
-
 
 _KINDS = {int: "int", float: "float", str: "str", bool: "bool"}
 
@@ -60,7 +60,7 @@ class Settings:
         return out
 
     @classmethod
-    def from_config(cls, cfg: Config, method: str) -> "Settings":
+    def from_config(cls, cfg: Config, method: str) -> Settings:
         values = {}
         for f in dataclasses.fields(cls):
             values[f.name] = cfg[f"{method}.{f.metadata['pfl']['key'] or f.name}"]
@@ -338,7 +338,7 @@ class LocalClient(ClientModule):
         return F.cross_entropy(self.model(x), y)
 
 
-ALGORITHMS: dict[str, type["Algorithm"]] = {}
+ALGORITHMS: dict[str, type[Algorithm]] = {}
 A = TypeVar("A", bound="type[Algorithm]")
 
 

@@ -21,8 +21,16 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from pfl.algorithms.base import (Algorithm, LocalClient, Settings, Tensors, Upload, class_table_problem, register,
-                                 setting)
+from pfl.algorithms.base import (
+    Algorithm,
+    LocalClient,
+    Settings,
+    Tensors,
+    Upload,
+    class_table_problem,
+    register,
+    setting,
+)
 
 
 @dataclass(frozen=True)

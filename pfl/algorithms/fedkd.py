@@ -29,9 +29,21 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from pfl.algorithms.base import (Algorithm, ClientModule, Phase, Settings, Tensors, Upload, cpu_clone, outside,
-                                 prefixed, register, setting, unprefixed)
-from pfl.algorithms.fml import known_model, kl_to
+from pfl.algorithms.base import (
+    Algorithm,
+    ClientModule,
+    Phase,
+    Settings,
+    Tensors,
+    Upload,
+    cpu_clone,
+    outside,
+    prefixed,
+    register,
+    setting,
+    unprefixed,
+)
+from pfl.algorithms.fml import kl_to, known_model
 from pfl.errors import ConfigError
 from pfl.schema import Config
 
@@ -199,7 +211,8 @@ class FedKD(Algorithm):
             expected |= {name + ".us", name + ".vh"}
             m, n = ref.shape[0], ref.numel() // ref.shape[0]
             if us.ndim != 2 or vh.ndim != 2 or us.shape[0] != m or vh.shape[1] != n or us.shape[1] != vh.shape[0]:
-                return f"factors of '{name}' have shapes {list(us.shape)} and {list(vh.shape)}, expected [{m}, k] and [k, {n}]"
+                return (f"factors of '{name}' have shapes {list(us.shape)} and {list(vh.shape)}, "
+                        f"expected [{m}, k] and [k, {n}]")
         if set(factors) != expected:
             return f"unexpected tensors {sorted(set(factors) - expected)[:3]}"
         return None

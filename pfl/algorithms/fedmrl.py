@@ -22,8 +22,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pfl.algorithms.base import (Algorithm, ClientModule, Phase, Settings, Tensors, Upload, cpu_clone, outside,
-                                 prefixed, register, setting, unprefixed, weighted_mean)
+from pfl.algorithms.base import (
+    Algorithm,
+    ClientModule,
+    Phase,
+    Settings,
+    Tensors,
+    Upload,
+    cpu_clone,
+    outside,
+    prefixed,
+    register,
+    setting,
+    unprefixed,
+    weighted_mean,
+)
 from pfl.algorithms.fml import known_model
 from pfl.errors import ConfigError
 from pfl.models import build_model

@@ -18,8 +18,17 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from pfl.algorithms.base import (Algorithm, LocalClient, Settings, Tensors, Upload, class_prototypes,
-                                 class_table_problem, register, setting)
+from pfl.algorithms.base import (
+    Algorithm,
+    LocalClient,
+    Settings,
+    Tensors,
+    Upload,
+    class_prototypes,
+    class_table_problem,
+    register,
+    setting,
+)
 
 
 @dataclass(frozen=True)
@@ -99,7 +108,8 @@ class FedProto(Algorithm):
         sums = torch.zeros(c, d, dtype=torch.float64)
         counts = torch.zeros(c, dtype=torch.float64)
         for u in uploads:
-            sums.index_add_(0, u.tensors["labels"], u.tensors["protos"].double() * u.tensors["counts"].double()[:, None])
+            weights = u.tensors["counts"].double()[:, None]
+            sums.index_add_(0, u.tensors["labels"], u.tensors["protos"].double() * weights)
             counts.index_add_(0, u.tensors["labels"], u.tensors["counts"].double())
         protos = torch.zeros(c, d, dtype=torch.float64)
         have = torch.zeros(c, dtype=torch.bool)

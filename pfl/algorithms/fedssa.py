@@ -22,8 +22,17 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pfl.algorithms.base import (Algorithm, LocalClient, Settings, Tensors, Upload, class_table_problem, cpu_clone,
-                                 register, setting)
+from pfl.algorithms.base import (
+    Algorithm,
+    LocalClient,
+    Settings,
+    Tensors,
+    Upload,
+    class_table_problem,
+    cpu_clone,
+    register,
+    setting,
+)
 
 
 @dataclass(frozen=True)

@@ -26,9 +26,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pfl.algorithms.base import (Algorithm, LocalClient, Settings, Tensors, Upload, class_prototypes,
-                                 class_table_problem, cpu_clone, prefixed, register, setting, train_on_server,
-                                 unprefixed)
+from pfl.algorithms.base import (
+    Algorithm,
+    LocalClient,
+    Settings,
+    Tensors,
+    Upload,
+    class_prototypes,
+    class_table_problem,
+    cpu_clone,
+    prefixed,
+    register,
+    setting,
+    train_on_server,
+    unprefixed,
+)
 from pfl.algorithms.fedproto import nearest_prototype_scores
 from pfl.seeding import derive_seed
 

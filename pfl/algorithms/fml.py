@@ -18,8 +18,20 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from pfl.algorithms.base import (Algorithm, ClientModule, Phase, Settings, Tensors, Upload, cpu_clone, prefixed,
-                                 register, setting, unprefixed, weighted_mean)
+from pfl.algorithms.base import (
+    Algorithm,
+    ClientModule,
+    Phase,
+    Settings,
+    Tensors,
+    Upload,
+    cpu_clone,
+    prefixed,
+    register,
+    setting,
+    unprefixed,
+    weighted_mean,
+)
 
 
 def kl_to(target_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:

@@ -10,8 +10,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pfl.algorithms.base import (Algorithm, LocalClient, Tensors, Upload, cpu_clone, prefixed, register,
-                                 unprefixed, weighted_mean)
+from pfl.algorithms.base import (
+    Algorithm,
+    LocalClient,
+    Tensors,
+    Upload,
+    cpu_clone,
+    prefixed,
+    register,
+    unprefixed,
+    weighted_mean,
+)
 
 
 class LGFedAvgClient(LocalClient):

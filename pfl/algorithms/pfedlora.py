@@ -23,8 +23,21 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from pfl.algorithms.base import (Algorithm, ClientModule, Phase, Settings, Tensors, Upload, cpu_clone, outside,
-                                 prefixed, register, setting, unprefixed, weighted_mean)
+from pfl.algorithms.base import (
+    Algorithm,
+    ClientModule,
+    Phase,
+    Settings,
+    Tensors,
+    Upload,
+    cpu_clone,
+    outside,
+    prefixed,
+    register,
+    setting,
+    unprefixed,
+    weighted_mean,
+)
 from pfl.errors import ConfigError
 from pfl.models import LoRAAdapter, build_model
 from pfl.schema import Config
@@ -94,8 +107,8 @@ class PFedLoRAClient(ClientModule):
 
     @torch.no_grad()
     def diagnostics(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
-        """How much the shared adapter moves predictions: mean |g(h)| / mean |head(h)| (the paper
-        reports about 1% after phase 2 on Fashion-MNIST; docs/algorithms.md), and accuracy with vs without the adapter."""
+        """How much the shared adapter moves predictions: mean |g(h)| / mean |head(h)| (the paper reports
+        about 1% after phase 2 on Fashion-MNIST; docs/algorithms.md), and accuracy with and without it."""
         was_training = self.training
         self.eval()
         x = self.transform(x.to(self.device), train=False)

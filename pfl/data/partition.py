@@ -1,6 +1,6 @@
 """Partitioners: pooled labels -> per-client sample indices, then a per-client train/test split.
 
-All are deterministic functions of (labels, settings, seed). Definitions (ALGORITHMS.md):
+All are deterministic functions of (labels, settings, seed). Definitions (docs/algorithms.md):
 - pathological: each client holds `classes_per_client` distinct classes. Classes are dealt so that holders
   are as balanced as possible (each client takes the least-held classes, ties broken by the seed). A class
   is shared among its holders in proportions drawn from U(0.4, 0.6), normalised. A class nobody holds
@@ -118,7 +118,7 @@ def split_train_test(indices: np.ndarray, labels: np.ndarray, test_fraction: flo
     train, test = [], []
     for c in np.unique(labels[indices]):
         idx = rng.permutation(indices[labels[indices] == c])
-        n_test = min(int(round(test_fraction * len(idx))), len(idx) - 1)
+        n_test = min(round(test_fraction * len(idx)), len(idx) - 1)
         test.append(idx[:n_test])
         train.append(idx[n_test:])
     if not train:

@@ -12,8 +12,8 @@ The measured step leaves no trace: gradients are cleared and every parameter and
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode

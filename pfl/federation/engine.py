@@ -13,19 +13,20 @@ import logging
 import math
 import time
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Protocol
 
 import lightning as L
 import numpy as np
 import torch
 
 from pfl.algorithms.base import Algorithm, ClientModule, Tensors, Upload, payload_bytes, payload_params
-from pfl.schema import Config
 from pfl.data.batches import TensorBatches
 from pfl.data.partition import ClientData
 from pfl.errors import DataError, PflUserError, RunFailed
 from pfl.federation.costs import FlopMeter, count_flops
+from pfl.schema import Config
 from pfl.seeding import derive_seed
 
 log = logging.getLogger("pfl")
@@ -142,7 +143,7 @@ class Callbacks:
     """What a front end (the CLI's progress display, a notebook, the run directory's writers) hears from a
     run. All optional. `on_run_start` hands over the run, for callbacks that read its state."""
 
-    def on_run_start(self, run: "FederatedRun") -> None: ...
+    def on_run_start(self, run: FederatedRun) -> None: ...
 
     def on_round_start(self, round_idx: int, sampled: list[int]) -> None: ...
 
@@ -182,7 +183,7 @@ class CallbackList(Callbacks):
 
 def sample_clients(num_clients: int, participation: float, seed: int, round_idx: int) -> list[int]:
     """K = max(1, round(C * N)) distinct clients (round half up), seeded per round."""
-    k = max(1, int(math.floor(participation * num_clients + 0.5)))
+    k = max(1, math.floor(participation * num_clients + 0.5))
     rng = np.random.default_rng([seed, 2, round_idx])
     return sorted(int(c) for c in rng.choice(num_clients, size=k, replace=False))
 
@@ -377,7 +378,7 @@ class FederatedRun:
 
     @classmethod
     def local(cls, cfg: Config, clients: list[ClientData], architectures: list[str], algorithm: Algorithm,
-              store, runner: ClientRunner, callbacks: Callbacks | None = None) -> "FederatedRun":
+              store, runner: ClientRunner, callbacks: Callbacks | None = None) -> FederatedRun:
         """A run on the local engine: every client in this process, states in `store`."""
         return cls(cfg, clients, algorithm, LocalWorkers(cfg, clients, architectures, algorithm, store, runner),
                    callbacks)

@@ -27,9 +27,9 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from pfl.algorithms.base import Tensors, Upload
-from pfl.schema import Config
 from pfl.errors import RunFailed
 from pfl.federation.engine import ClientResult, ClientWorker, NotSent, Outcome
+from pfl.schema import Config
 
 log = logging.getLogger("pfl")
 

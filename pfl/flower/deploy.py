@@ -9,6 +9,7 @@ Flower spawns (SuperExec, ServerApp, ClientApps) stay its descendants and are st
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import shutil
@@ -117,10 +118,8 @@ def stop_all_descendants(grace: float = 5.0) -> None:
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 2.0)):
         pids = descendants(me)
         for pid in pids:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline and descendants(me):
             _reap()
@@ -140,11 +139,10 @@ class LoopbackDeployment:
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     port: int = 0
 
-    def __enter__(self) -> "LoopbackDeployment":
-        try:  # orphans of detached Flower processes become our children, so that stopping finds them
+    def __enter__(self) -> LoopbackDeployment:
+        # orphans of detached Flower processes become our children, so that stopping finds them
+        with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-        except (OSError, AttributeError):
-            pass
         bin_dir = str(Path(sys.executable).parent)
         home = self.workdir / "flwr-home"
         home.mkdir(parents=True, exist_ok=True)

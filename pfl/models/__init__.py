@@ -9,9 +9,19 @@ from pfl.models.zoo import (
     SplitModel,
     assign_architectures,
     build_model,
-    describe_model,
     count_parameters,
+    describe_model,
 )
 
-__all__ = ["CNN_SPECS", "MODEL_REGISTRY", "LoRAAdapter", "SplitModel", "TORCHVISION_FAMILIES", "ZOOS", "assign_architectures",
-           "build_model", "count_parameters", "describe_model"]
+__all__ = [
+    "CNN_SPECS",
+    "MODEL_REGISTRY",
+    "TORCHVISION_FAMILIES",
+    "ZOOS",
+    "LoRAAdapter",
+    "SplitModel",
+    "assign_architectures",
+    "build_model",
+    "count_parameters",
+    "describe_model",
+]

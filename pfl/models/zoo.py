@@ -7,7 +7,7 @@ New families register a builder in MODEL_REGISTRY and return a SplitModel.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
