@@ -1,0 +1,88 @@
+"""Every method on every model family: builds, trains one step of each phase, and sends the same payload shapes
+whatever the family (FedAvg, homogeneous only, sends the whole model, so its payload is the family's)."""
+
+import pytest
+import torch
+
+from pfl.algorithms import ALGORITHMS, TaskSpec
+from pfl.data import BatchTransform
+from pfl.models import MODEL_REGISTRY, ZOOS
+
+SHAPE, CLASSES = (1, 16, 16), 4
+# the families every default test run covers; the heavier ones (ResNet-34..152, GoogLeNet, EfficientNet,
+# MobileNetV2) run with -m slow
+LIGHT = ("cnn1", "cnn5", "resnet18", "mobilenet_v3_small", "shufflenet_v2_x1_0", "vit_mini")
+HEAVY = tuple(name for name in MODEL_REGISTRY if name not in LIGHT and not name.startswith("cnn"))
+
+
+def _payload_shapes(make_cfg, method: str, arch: str) -> tuple[dict, dict]:
+    over = {"method": method, "model_zoo": [arch], "synthetic.image_shape": list(SHAPE)}
+    if method == "fedavg":
+        over["model_setting"] = "homogeneous"
+    cfg = make_cfg(over)
+    spec = TaskSpec(SHAPE, CLASSES, cfg.representation_dim, BatchTransform((0.5,), (0.25,), False))
+    algo = ALGORITHMS[method](cfg, spec)
+    torch.manual_seed(0)
+    g = algo.initial_global()
+    m = algo.make_client(arch)
+    x = torch.randint(0, 256, (4, *SHAPE), dtype=torch.uint8)
+    y = torch.tensor([0, 1, 2, 1])
+    m.train_labels = y
+    m.start(algo.download(g, 0))
+    for phase in m.phases():
+        m.set_phase(phase.name)
+        m.on_train_start()
+        m.on_train_epoch_start()
+        optimiser = m.configure_optimizers()
+        loss = m.phase_loss(phase.name, m.transform(x, train=True), y)
+        assert torch.isfinite(loss), (method, arch, phase.name)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(m.parameters(), cfg.grad_clip)  # as the engine's Trainer does
+        assert torch.isfinite(norm), (method, arch, phase.name)
+        optimiser.step()
+        m.after_step(phase.name)
+    m.eval()
+    with torch.no_grad():
+        assert m.predict(m.transform(x, train=False)).shape == (4, CLASSES)
+    upload = m.upload(x, y)
+    from pfl.algorithms.base import Upload
+
+    assert algo.upload_problem(Upload(0, 4, upload), g) is None, (method, arch)
+    return ({k: tuple(v.shape) for k, v in upload.items()},
+            {k: tuple(v.shape) for k, v in algo.download(algo.aggregate(g, [Upload(0, 4, upload)]), 0).items()})
+
+
+def _svd_factors_as_tensors(shapes: dict) -> list[str]:
+    """FedKD sends a matrix raw or as SVD factors (name.us, name.vh) of a rank, both chosen by the update's
+    energy: compare the tensors they stand for."""
+    return sorted({name[:-3] if name.endswith((".us", ".vh")) else name for name in shapes})
+
+
+def _check_method_across(make_cfg, method, families):
+    shapes = {arch: _payload_shapes(make_cfg, method, arch) for arch in families}
+    if method == "fedavg":  # the whole model travels: its shapes are the family's, and differ between families
+        assert len({tuple(sorted(up.items())) for up, _ in shapes.values()}) == len(families)
+        return
+    if method == "fedkd":
+        shapes = {arch: tuple(_svd_factors_as_tensors(s) for s in pair) for arch, pair in shapes.items()}
+    reference = next(iter(shapes.values()))
+    for arch, pair in shapes.items():
+        assert pair == reference, (method, arch)
+
+
+@pytest.mark.parametrize("method", sorted(ALGORITHMS))
+def test_every_method_trains_on_the_light_families_with_one_payload_shape(make_cfg, method):
+    _check_method_across(make_cfg, method, LIGHT)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", sorted(ALGORITHMS))
+def test_every_method_trains_on_the_heavy_families_with_one_payload_shape(make_cfg, method):
+    _check_method_across(make_cfg, method, ("cnn1", *HEAVY))
+
+
+def test_named_zoos_cover_every_registered_family():
+    assert set(ZOOS["paper-cnn"]) | set(ZOOS["htfe8"]) | set(ZOOS["mixed-small"]) | set(LIGHT) | set(HEAVY) == \
+        set(MODEL_REGISTRY)
+    assert ZOOS["htfe8"][1:] == ["googlenet", "mobilenet_v2", "resnet18", "resnet34", "resnet50", "resnet101",
+                                 "resnet152"]
