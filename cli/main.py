@@ -375,7 +375,9 @@ RAY_HELP = "an existing Ray cluster to run on (default: $RAY_ADDRESS, else a loc
 def compare(
     recipe: str | None = typer.Option(None, "--recipe", "-r", help="recipe to run every method on"),
     methods: str | None = typer.Option(None, "--methods", "-m",
-                                          help="comma-separated methods (default: pFedLoRA and the six baselines)"),
+                                          help="comma-separated methods or groups: paper (default: pFedLoRA and "
+                                          "the six baselines), later (FD, FedTGP, FedMRL, pFedES, FedSSA, pFedAFM), "
+                                          "all"),
     set_: list[str] | None = typer.Option(None, "--set", "-s", help="override a recipe key for all runs: key=value"),
     seeds: int = typer.Option(1, "--seeds", help="number of seeds: the recipe's seed, seed+1, ..."),
     seed: int | None = typer.Option(None, "--seed", help="first seed (default: the recipe's)"),
@@ -400,7 +402,6 @@ def compare(
     """Run several methods on the same recipe, partitions and seeds; print and write a table and plots."""
     _interrupt_on_sigterm()
     from pfl import compare as cmp
-    from pfl.algorithms import PAPER_METHODS
     from pfl.errors import PflUserError, RunFailed
     from pfl.run import Hardware
 
@@ -426,7 +427,7 @@ def compare(
                 out = from_[0] if len(from_) == 1 and (from_[0] / "runs").is_dir() else \
                     Path("runs") / f"compare-{datetime.now():%Y%m%d-%H%M%S}"
         else:
-            names = [m.strip() for m in methods.split(",") if m.strip()] if methods else list(PAPER_METHODS)
+            names = cmp.method_names(methods)
             if not names:
                 raise PflUserError("--methods: give at least one method, e.g. --methods pfedlora,standalone")
             hw = Hardware(accelerator, _parse_devices(devices), precision)

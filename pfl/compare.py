@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from pfl import config as config_mod
-from pfl.algorithms import ALGORITHMS, PAPER_METHODS
+from pfl.algorithms import ALGORITHMS, LATER_METHODS, PAPER_METHODS
 from pfl.config import HYPERPARAMETERS
 from pfl.errors import ConfigError, RunDirError
 from pfl.parallel import RunOutcome, RunSpec, check_reusable, finished, run_all
@@ -168,9 +168,23 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
 
 
+# Names `--methods` accepts for groups of methods.
+METHOD_GROUPS = {"paper": PAPER_METHODS, "later": LATER_METHODS, "all": PAPER_METHODS + LATER_METHODS}
+
+
+def method_names(text: str | None) -> list[str]:
+    """`--methods`: comma-separated names and groups (paper: pFedLoRA and its six baselines; later: the six
+    later methods; all: both, thirteen); default paper."""
+    names: list[str] = []
+    for item in (text or "paper").split(","):
+        item = item.strip()
+        names.extend(METHOD_GROUPS.get(item, (item,)) if item else ())
+    return names
+
+
 def _method_order(record: RunRecord) -> tuple[int, str, int]:
-    """pFedLoRA first, then the baselines in the paper's order, then any other method; seeds ascending."""
-    order = {m: i for i, m in enumerate(PAPER_METHODS)}
+    """pFedLoRA first, then the baselines in the paper's order, the later methods, any other; seeds ascending."""
+    order = {m: i for i, m in enumerate(PAPER_METHODS + LATER_METHODS)}
     return order.get(record.method, len(order)), record.method, record.seed
 
 

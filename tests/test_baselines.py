@@ -249,7 +249,12 @@ def test_fedavg_refuses_a_heterogeneous_zoo(make_cfg):
 
 @pytest.mark.parametrize("key,value", [("fml.alpha", 1.5), ("fml.shared_model", "vgg"), ("fedkd.energy_start", 0.0),
                                        ("fedproto.lambda", -1.0), ("fedgh.server_epochs", 0),
-                                       ("fedgh.server_lr", 0.0)])
+                                       ("fedgh.server_lr", 0.0), ("fd.lambda", -1.0), ("fedtgp.server_epochs", 0),
+                                       ("fedtgp.margin_max", -1.0), ("fedmrl.shared_model", "vgg"),
+                                       ("pfedes.mu", 1.5), ("pfedes.extra_epochs", -1), ("fedssa.decay_rounds", 0),
+                                       ("pfedafm.alpha_lr", 0.0), ("fedproto.inference", "mean"),
+                                       ("fedgh.inference", "both"), ("evaluate_at", "later"),
+                                       ("model_zoo", "htfe9")])
 def test_method_settings_are_validated(make_cfg, key, value):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         make_cfg({key: value})

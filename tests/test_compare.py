@@ -138,3 +138,16 @@ def test_bad_compare_input_exits_2_with_one_line(tmp_path, args, message):
     lines = [line for line in res.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], res.stderr
     assert not (tmp_path / "cmp").exists() and not (tmp_path / "runs").exists()
+
+
+def test_all_thirteen_methods_finish_a_comparison(tmp_path):
+    out = tmp_path / "all"
+    res = pfl("compare", "--recipe", "smoke", "--methods", "all", "--set", "rounds=2", "--out", str(out))
+    assert res.returncode == 0, (res.stdout[-2000:], res.stderr[-2000:])
+    rows = read_csv(out / "comparison.csv")
+    assert list(rows) == ["pfedlora", "standalone", "lg_fedavg", "fml", "fedkd", "fedproto", "fedgh",
+                          "fd", "fedtgp", "fedmrl", "pfedes", "fedssa", "pfedafm"]
+    for method, row in rows.items():
+        assert 0.25 < float(row["final_acc_mean"]) <= 1.0, method  # 4 classes: above chance
+    assert float(rows["standalone"]["bytes_per_round"]) == 0
+    assert all(float(r["bytes_per_round"]) > 0 for m, r in rows.items() if m != "standalone")

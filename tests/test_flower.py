@@ -94,11 +94,12 @@ def read_rows(path: Path) -> list[dict]:
 
 # ---------------------------------------------------------------- simulation
 
-@pytest.mark.parametrize("method", ["pfedlora", "fedkd"])
+@pytest.mark.parametrize("method", ["pfedlora", "fedkd", "fedssa", "pfedafm"])
 def test_simulation_equals_local_run_bit_for_bit(tmp_path, method):
     """3 clients, 2 rounds through Flower's simulation (Ray actors, 1 thread each; the server with 1 thread)
     end exactly where the local engine ends with 1 thread: private states survive between rounds on the nodes,
-    and the server state (FedKD: mentee, compressed update, per-client versions) travels exactly."""
+    and the server state (FedKD: mentee, compressed update, per-client versions) travels exactly; FedSSA's
+    owned head rows and pFedAFM's alpha and received extractor stay on the nodes."""
     cfg = _cfg(method=method)
     flower_dir, local_dir = tmp_path / "flower", tmp_path / "local"
     threads = torch.get_num_threads()
