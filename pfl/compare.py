@@ -225,13 +225,17 @@ def summarise(records: list[RunRecord], failures: list[tuple[str, int, str]] | N
                                 for r, n in zip(runs, rounds)])
         flops_round = np.mean([(r.summary["flops_client_total"] + r.summary["flops_server_total"]) / n
                                for r, n in zip(runs, rounds)])
+        # wall time of a round (training + evaluation), median over rounds, mean over seeds; runs that shared
+        # the machine (--jobs) slowed each other
+        seconds_round = np.mean([np.median([h["train_seconds"] + h["eval_seconds"] for h in r.history])
+                                 for r in runs])
         reached = [r.summary["to_target"] for r in runs if r.summary.get("to_target")]
         row = {
             "method": method, "seeds": len(runs), "seed_list": " ".join(str(r.seed) for r in runs),
             "final_acc_mean": final_mean, "final_acc_std": final_std,
             "best_acc_mean": best_mean, "best_acc_std": best_std,
             "params_per_round": float(params_round), "bytes_per_round": float(bytes_round),
-            "flops_per_round": float(flops_round),
+            "flops_per_round": float(flops_round), "seconds_per_round": float(seconds_round),
             "target_accuracy": runs[0].summary.get("target_accuracy", 0.0),
             "target_reached": f"{len(reached)}/{len(runs)}",
             "rounds_to_target": _mean_std([t["round"] for t in reached])[0],
@@ -285,7 +289,7 @@ def fmt_ratio(x: float) -> str:
 
 
 TABLE_COLUMNS = ("method", "final acc %", f"final - {REFERENCE} [95% CI] (seeds)", "best acc %", "bytes/round",
-                 "FLOPs/round", "rounds to target", "bytes to target (x)", "FLOPs to target (x)", "tuned")
+                 "FLOPs/round", "s/round", "rounds to target", "bytes to target (x)", "FLOPs to target (x)", "tuned")
 
 
 def _fmt_paired(r: dict[str, Any]) -> str:
@@ -308,7 +312,7 @@ def table_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
             r["method"], fmt_acc(r["final_acc_mean"], r["final_acc_std"]),
             _fmt_paired(r),
             fmt_acc(r["best_acc_mean"], r["best_acc_std"]),
-            fmt_count(r["bytes_per_round"], "B"), fmt_count(r["flops_per_round"]),
+            fmt_count(r["bytes_per_round"], "B"), fmt_count(r["flops_per_round"]), f"{r['seconds_per_round']:.1f}",
             "-" if math.isnan(r["rounds_to_target"]) else f"{r['rounds_to_target']:.1f} ({reached})",
             "-" if math.isnan(r["bytes_to_target"]) else
             f"{fmt_count(r['bytes_to_target'], 'B')} ({fmt_ratio(r[f'bytes_to_target_vs_{REFERENCE}'])})",
