@@ -296,3 +296,31 @@ def test_upload_problem_rejects_malformed_updates_of_the_new_methods(make_cfg, m
         problem = algo.upload_problem(Upload(0, 4, bad), g)
         assert problem and words in problem, (method, problem)
     assert "training samples" in algo.upload_problem(Upload(0, 0, good), g)
+
+
+def test_bytes_per_round_of_the_new_methods_equal_the_tensors_sent_computed_by_hand(make_cfg):
+    """One round of 4 clients (N=4, C=1): counted bytes against sizes from the shapes (float32 4 B, int64 8 B)."""
+    from pfl.federation import ClientRunner, FederatedRun, MemoryStore, make_trainer
+
+    cnn5 = lambda d: count_parameters(build_model("cnn5", (1, 16, 16), C, d))  # noqa: E731
+    extractor = 8 * 1 * 9 + 8 + 1 * 8 * 9 + 1  # Conv(1, 8, 3) and Conv(8, 1, 3) with biases
+    for method in ("fd", "fedtgp", "fedmrl", "pfedes", "fedssa", "pfedafm"):
+        cfg = method_cfg(make_cfg, method, rounds=1)
+        algo, clients, archs = setup(cfg)
+        run = FederatedRun.local(cfg, clients, archs, algo, MemoryStore(), ClientRunner(make_trainer()))
+        run.initialise()
+        record = run.run_round()
+        held = [int(torch.unique(c.y_train).numel()) for c in clients]
+        expected = {
+            "fd": (sum(m * (8 + 4 * C) for m in held), 0),  # labels + mean logits up; nothing known yet down
+            "fedtgp": (sum(m * (8 + 4 * D) for m in held), 0),  # prototypes up; no global prototypes yet
+            "fedmrl": (4 * 4 * cnn5(D),) * 2,  # the small model (d1 = d) each way
+            "pfedes": (4 * 4 * extractor,) * 2,
+            "fedssa": (sum(m * (8 + 4 * D + 4) for m in held), 4 * (4 * (C * D + C) + 8)),  # rows up; head + round
+            "pfedafm": (4 * 4 * (cnn5(D) - (C * D + C)),) * 2,  # the extractor phi_S only
+        }[method]
+        assert (record["bytes_up"], record["bytes_down"]) == expected, method
+        if method in ("fd", "fedtgp"):  # round 2: the server's tables go down to each of the 4 clients
+            known = len(run.state.global_state["labels"]) if method == "fd" else C
+            per_client = known * (8 + 4 * C) if method == "fd" else 4 * C * D
+            assert run.run_round()["bytes_down"] == 4 * per_client, method
