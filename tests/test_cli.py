@@ -112,6 +112,14 @@ BAD = [
     (["train", "--recipe", "smoke", "--set", "method=fedkd", "--set", "fedkd.energy_start=0.99", "--set",
       "fedkd.energy_end=0.9"],
      "recipe key 'fedkd.energy_end': must be >= fedkd.energy_start"),
+    (["train", "--recipe", "smoke", "--set", "method=fedmrl", "--set", "fedmrl.small_dim=600"],
+     "recipe key 'fedmrl.small_dim': must be an integer in [0, 500]"),
+    (["train", "--recipe", "smoke", "--set", "model_zoo=htfe9"],
+     "recipe key 'model_zoo': must be a list of strings or one of paper-cnn, htfe8, mixed-small"),
+    (["train", "--recipe", "smoke", "--set", "evaluate_at=end"], "recipe key 'evaluate_at': must be one of"),
+    (["compare", "--recipe", "smoke", "--methods", "later,fedx"], "--methods: unknown method 'fedx'"),
+    (["models", "--recipe", "nope"], "--recipe: unknown recipe 'nope'"),
+    (["models", "--recipe", "smoke", "--set", "representation_dim=0"], "recipe key 'representation_dim'"),
     (["train", "--recipe", "/etc/passwd"], "--recipe: '/etc/passwd' is not valid TOML"),
     (["train", "--recipe", "missing.toml"], "--recipe: file 'missing.toml' does not exist"),
     (["train", "--set", "rounds=2"], "--recipe: required"),
@@ -243,3 +251,17 @@ def test_sigterm_stops_a_run_cleanly_and_leaves_nothing_behind(tmp_path):
             proc.wait()
     assert proc.returncode == 130 and "interrupted" in stderr, stderr
     assert not out.exists() and not list(tmp_path.glob(".run.partial-*"))
+
+
+def test_models_lists_the_recipe_zoo_with_measured_sizes():
+    from typer.testing import CliRunner
+
+    from cli.main import app
+    from pfl.models import build_model, count_parameters
+
+    res = CliRunner().invoke(app, ["models", "--recipe", "smoke", "--set", "model_zoo=mixed-small"], terminal_width=200)
+    assert res.exit_code == 0, res.stdout
+    for name in ("cnn1", "resnet18", "mobilenet_v3_small", "shufflenet_v2_x1_0", "vit_mini"):
+        line = next(line for line in res.stdout.splitlines() if f" {name} " in line)
+        assert f"{count_parameters(build_model(name, (1, 16, 16), 4, 500)):,}" in line, line
+    assert "cnn2" not in res.stdout

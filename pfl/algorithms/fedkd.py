@@ -150,9 +150,10 @@ class FedKD(Algorithm):
 
     @classmethod
     def check_config(cls, cfg: Config) -> None:
-        if cfg["fedkd.energy_end"] < cfg["fedkd.energy_start"]:
+        settings = cls.Settings.from_config(cfg, cls.name)
+        if settings.energy_end < settings.energy_start:
             raise ConfigError(f"recipe key 'fedkd.energy_end': must be >= fedkd.energy_start "
-                              f"({cfg['fedkd.energy_start']}), got {cfg['fedkd.energy_end']}")
+                              f"({settings.energy_start}), got {settings.energy_end}")
 
     def make_client(self, arch: str) -> FedKDClient:
         return FedKDClient(self.private_model(arch), self.private_model(self.settings.shared_model), self.cfg,

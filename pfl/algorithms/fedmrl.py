@@ -100,7 +100,7 @@ class FedMRL(Algorithm):
 
     @classmethod
     def check_config(cls, cfg: Config) -> None:
-        d1, d = cfg["fedmrl.small_dim"], cfg.representation_dim
+        d1, d = cls.Settings.from_config(cfg, cls.name).small_dim, cfg.representation_dim
         if d1 > d:
             raise ConfigError(f"recipe key 'fedmrl.small_dim': must be an integer in [0, {d}] "
                               f"(representation_dim), got {d1}")

@@ -147,7 +147,7 @@ class PFedLoRA(Algorithm):
 
     @classmethod
     def check_config(cls, cfg: Config) -> None:
-        rank, d = cfg["pfedlora.rank"], cfg.representation_dim
+        rank, d = cls.Settings.from_config(cfg, cls.name).rank, cfg.representation_dim
         if rank > d:
             raise ConfigError(f"recipe key 'pfedlora.rank': must be an integer in [1, {d}] "
                               f"(representation_dim), got {rank}")
