@@ -37,3 +37,13 @@ def test_transform_normalises_and_only_augments_in_training():
     assert torch.allclose(t(x, train=False), torch.full((2, 1, 4, 4), 2.0))
     torch.manual_seed(1)
     assert (t(x, train=True) == -2.0).any()  # some zero padding shows up after normalising
+
+
+def test_batch_norm_models_never_get_a_batch_of_one():
+    y = torch.arange(65)
+    plain = TensorBatches(y.view(-1, 1), y, 32, shuffle=True, seed=0)
+    paired = TensorBatches(y.view(-1, 1), y, 32, shuffle=True, seed=0, no_single=True)
+    assert plain.sizes() == [32, 32, 1] and paired.sizes() == [32, 33]
+    assert [len(b[1]) for b in paired] == [32, 33] and len(paired) == 2
+    assert sorted(torch.cat([b[1] for b in paired]).tolist()) == y.tolist()
+    assert TensorBatches(y[:1].view(-1, 1), y[:1], 32, shuffle=False, no_single=True).sizes() == [1]

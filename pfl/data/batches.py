@@ -9,8 +9,6 @@ one sample joins the batch before it (`no_single=True`).
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
@@ -37,13 +35,13 @@ class TensorBatches:
         return sizes
 
     def __len__(self) -> int:
-        return len(self.sizes()) if self.no_single else math.ceil(len(self.y) / self.batch_size)
+        return len(self.sizes())
 
     def __iter__(self):
         n = len(self.y)
         order = torch.randperm(n, generator=self.generator) if self.shuffle else None
         start = 0
-        for size in (self.sizes() if self.no_single else [self.batch_size] * len(self)):
+        for size in self.sizes():
             if order is None:
                 yield self.x[start:start + size], self.y[start:start + size]
             else:
