@@ -10,7 +10,7 @@ from pfl.models import MODEL_REGISTRY, ZOOS
 
 SHAPE, CLASSES = (1, 16, 16), 4
 # the families every default test run covers; the heavier ones (ResNet-34..152, GoogLeNet, EfficientNet,
-# MobileNetV2) run with -m slow
+# MobileNetV2) run with -m heavy
 LIGHT = ("cnn1", "cnn5", "resnet18", "mobilenet_v3_small", "shufflenet_v2_x1_0", "vit_mini")
 HEAVY = tuple(name for name in MODEL_REGISTRY if name not in LIGHT and not name.startswith("cnn"))
 
@@ -75,6 +75,7 @@ def test_every_method_trains_on_the_light_families_with_one_payload_shape(make_c
     _check_method_across(make_cfg, method, LIGHT)
 
 
+@pytest.mark.heavy
 @pytest.mark.slow
 @pytest.mark.parametrize("method", sorted(ALGORITHMS))
 def test_every_method_trains_on_the_heavy_families_with_one_payload_shape(make_cfg, method):
