@@ -105,7 +105,9 @@ def write_report(root: Path, setup: Setup, run, wall: float, hw: Hardware, recip
     summary = {
         "method": cfg.method, "dataset": cfg.dataset, "recipe": cfg.name, "recipe_source": recipe_source,
         "seed": cfg.seed, "rounds": state.round, "num_clients": cfg.num_clients,
-        "evaluation": setup.algorithm.evaluation_label(),
+        "evaluation": setup.algorithm.evaluation_label() + (
+            "; at round start (what each client holds after receiving the next round's download)"
+            if cfg.evaluate_at == "round_start" else "; after training"),
         "final": final,
         "best": best,
         "bytes_up_total": sum(r["bytes_up"] for r in history),
