@@ -195,13 +195,19 @@ def test_eval_of_a_corrupted_state_file_names_it(tmp_path):
     assert res.returncode == 2 and "client_00002.safetensors" in res.stderr and "corrupted" in res.stderr
 
 
-def test_recipes_lists_the_bundled_recipes():
-    res = pfl("recipes")
-    assert res.returncode == 0
-    for name in ("cifar10", "cifar100", "fmnist", "smoke"):
+def test_recipes_lists_the_bundled_recipes(monkeypatch):
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    monkeypatch.setenv("COLUMNS", "250")  # one table row per key
+    res = CliRunner().invoke(app, ["recipes"], terminal_width=200)
+    assert res.exit_code == 0
+    for name in ("cifar10", "cifar100", "fmnist", "fmnist-dir", "fmnist-mixed", "smoke"):
         assert name in res.stdout
-    keys = pfl("recipes", "--keys")
-    assert "pfedlora.adapter_epochs" in keys.stdout and "classes_per_client" in keys.stdout
+    keys = CliRunner().invoke(app, ["recipes", "--keys"], terminal_width=200)
+    for key in ("pfedlora.adapter_epochs", "classes_per_client", "fedtgp.margin_max", "evaluate_at"):
+        assert key in keys.stdout
 
 
 def test_bf16_mixed_precision_runs_on_the_cpu(tmp_path):
@@ -253,12 +259,13 @@ def test_sigterm_stops_a_run_cleanly_and_leaves_nothing_behind(tmp_path):
     assert not out.exists() and not list(tmp_path.glob(".run.partial-*"))
 
 
-def test_models_lists_the_recipe_zoo_with_measured_sizes():
+def test_models_lists_the_recipe_zoo_with_measured_sizes(monkeypatch):
     from typer.testing import CliRunner
 
     from cli.main import app
     from pfl.models import build_model, count_parameters
 
+    monkeypatch.setenv("COLUMNS", "200")
     res = CliRunner().invoke(app, ["models", "--recipe", "smoke", "--set", "model_zoo=mixed-small"], terminal_width=200)
     assert res.exit_code == 0, res.stdout
     for name in ("cnn1", "resnet18", "mobilenet_v3_small", "shufflenet_v2_x1_0", "vit_mini"):

@@ -143,10 +143,14 @@ def test_bad_compare_input_exits_2_with_one_line(tmp_path, args, message):
 def test_all_thirteen_methods_finish_a_comparison(tmp_path):
     """Smaller than the smoke recipe (half its data, pFedES's extractor phase 1 epoch longer than the local one,
     not 10): the point is that every method goes through compare, not how well it learns."""
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
     out = tmp_path / "all"
-    res = pfl("compare", "--recipe", "smoke", "--methods", "all", "--set", "rounds=2", "--set",
-              "synthetic.num_samples=400", "--set", "pfedes.extra_epochs=1", "--out", str(out))
-    assert res.returncode == 0, (res.stdout[-2000:], res.stderr[-2000:])
+    res = CliRunner().invoke(app, ["compare", "--recipe", "smoke", "--methods", "all", "--set", "rounds=2", "--set",
+                                   "synthetic.num_samples=400", "--set", "pfedes.extra_epochs=1", "--out", str(out)])
+    assert res.exit_code == 0, (res.stdout[-2000:], res.stderr[-2000:], res.exception)
     rows = read_csv(out / "comparison.csv")
     assert list(rows) == ["pfedlora", "standalone", "lg_fedavg", "fml", "fedkd", "fedproto", "fedgh",
                           "fd", "fedtgp", "fedmrl", "pfedes", "fedssa", "pfedafm"]
