@@ -132,9 +132,15 @@ BAD = [
 
 
 @pytest.mark.parametrize("args, message", BAD, ids=[" ".join(a) or "nothing" for a, _ in BAD])
-def test_bad_compare_input_exits_2_with_one_line(tmp_path, args, message):
-    res = pfl("compare", *args, "--out", str(tmp_path / "cmp"), cwd=tmp_path)
-    assert res.returncode == 2, (res.stdout, res.stderr)
+def test_bad_compare_input_exits_2_with_one_line(tmp_path, monkeypatch, args, message):
+    """In-process (Typer's runner: the `pfl` command's code path without a Python start per row)."""
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(app, ["compare", *args, "--out", str(tmp_path / "cmp")])
+    assert res.exit_code == 2, (res.stdout, res.stderr, res.exception)
     lines = [line for line in res.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], res.stderr
     assert not (tmp_path / "cmp").exists() and not (tmp_path / "runs").exists()

@@ -187,10 +187,13 @@ BAD = [
 def test_bad_flower_input_exits_2_with_one_line_and_starts_nothing(tmp_path, args, message):
     if "flower.client_gpus=0.25" in args and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
     out = tmp_path / "out"
-    res = subprocess.run([sys.executable, "-m", "cli.main", *args, "--recipe", "smoke", "--out", str(out)],
-                         capture_output=True, text=True, cwd=REPO, timeout=300, env={**os.environ, "COLUMNS": "200"})
-    assert res.returncode == 2, (res.stdout, res.stderr)
+    res = CliRunner().invoke(app, [*args, "--recipe", "smoke", "--out", str(out)])  # in-process, as `pfl` runs it
+    assert res.exit_code == 2, (res.stdout, res.stderr, res.exception)
     lines = [line for line in res.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], res.stderr
     assert not out.exists() and not list(tmp_path.glob(".*partial*"))
