@@ -7,7 +7,7 @@ Both sides, in one process, interleaved round by round so machine noise hits the
   no_grad, adapter trains), SGD with momentum, weight decay, gradient-norm clip,
 - the same bookkeeping a federated round needs: load each client's state, train, copy state and upload
   back to the CPU, weighted-mean the adapters.
-pfl adds Lightning (one reused Trainer), the store, sampling, byte counting and callbacks.
+pfl adds Lightning (its Fabric loop calling the module's hooks), the store, sampling, byte counting and callbacks.
 
     python benchmarks/overhead.py                       # fmnist recipe, 5 timed rounds
     python benchmarks/overhead.py --recipe smoke --rounds 2
@@ -35,7 +35,7 @@ from pfl import config
 from pfl.algorithms.base import cpu_clone
 from pfl.build import build
 from pfl.data import TensorBatches
-from pfl.federation import ClientRunner, FederatedRun, MemoryStore, make_trainer
+from pfl.federation import FederatedRun, MemoryStore, make_runner
 from pfl.federation.engine import sample_clients
 from pfl.seeding import derive_seed
 
@@ -104,7 +104,7 @@ def main() -> None:
     cfg, _ = config.load(args.recipe, args.overrides + [f"rounds={total_rounds}", f"eval_every={10**6}"])
     setup = build(cfg)
     run = FederatedRun.local(cfg, setup.clients, setup.architectures, setup.algorithm, MemoryStore(),
-                       ClientRunner(make_trainer("cpu", 1, "32-true", cfg.grad_clip)))
+                             make_runner("cpu", 1, "32-true", cfg.grad_clip))
     run.initialise()
     plain_states = {k: dict(run.workers.store.get(k)) for k in range(cfg.num_clients)}
     plain_global = dict(run.state.global_state)

@@ -13,7 +13,7 @@ from pfl.algorithms import ALGORITHMS, Algorithm, TaskSpec
 from pfl.data import BatchTransform, build_clients, load_dataset
 from pfl.data.partition import ClientData
 from pfl.errors import PflUserError
-from pfl.federation import make_trainer
+from pfl.federation import make_runner
 from pfl.models import assign_architectures, build_model
 from pfl.schema import Config
 
@@ -34,14 +34,14 @@ class Setup:
 
 
 def check_hardware(hw: Hardware, grad_clip: float = 0.0):
-    """The run's Trainer, or a PflUserError before any data or output when the hardware cannot be had."""
+    """The run's ClientRunner, or a PflUserError before any data or output when the hardware cannot be had."""
     count = hw.devices if isinstance(hw.devices, int) else None
     if count is not None and count > 1:
         raise PflUserError(f"--devices: the local engine trains one client at a time on one device; use 1 "
                            f"(or one device index such as [1]), got {hw.devices}")
     if isinstance(hw.devices, list) and len(hw.devices) != 1:
         raise PflUserError(f"--devices: the local engine uses exactly one device, got {hw.devices}")
-    return make_trainer(hw.accelerator, hw.devices, hw.precision, grad_clip)
+    return make_runner(hw.accelerator, hw.devices, hw.precision, grad_clip)
 
 
 def build(cfg: Config) -> Setup:

@@ -52,6 +52,8 @@ SCHEMA: dict[str, Field] = {
                        choices=("pathological", "dirichlet", "iid")),
     "classes_per_client": Field("int", 2, "pathological partition: classes per client", low=1),
     "dirichlet_alpha": Field("float", 0.5, "Dirichlet partition: concentration", low=0.0, low_open=True),
+    "min_client_samples": Field("int", 10, "Dirichlet partition: redraw until every client holds at least this "
+                                "many samples (capped at samples / num_clients)", low=1),
     "test_fraction": Field("float", 0.2, "per-client share held out for the personalised test set",
                            low=0.0, high=0.9, low_open=True),
     "val_fraction": Field("float", 0.0, "per-client share of the training data held out for validation "
@@ -78,6 +80,8 @@ SCHEMA: dict[str, Field] = {
     "augment": Field("bool", False, "random crop (pad 4) and horizontal flip while training"),
     "eval_every": Field("int", 1, "evaluate every client every this many rounds (and after the last)",
                         low=1),
+    "diagnostics_every": Field("int", 1, "rounds between a method's diagnostics (measured after training on each "
+                               "trained client's first 256 samples); 0 = never", low=0),
     "evaluate_at": Field("str", "after_training", "what a round's evaluation tests: each client's model as it "
                          "last trained, or what it holds after receiving the next round's download, before "
                          "training (the field's benchmark library; docs/algorithms.md)",

@@ -23,7 +23,7 @@ from pfl import checkpoint, rundir
 from pfl import config as config_mod
 from pfl.build import Hardware, Setup, build, check_engine, check_hardware, client_accelerator
 from pfl.errors import RunDirError
-from pfl.federation import CallbackList, Callbacks, ClientRunner, DiskStore, FederatedRun, MemoryStore
+from pfl.federation import CallbackList, Callbacks, DiskStore, FederatedRun, MemoryStore
 from pfl.federation.engine import LocalWorkers
 from pfl.report import MetricsFlusher, write_report
 from pfl.schema import Config
@@ -44,14 +44,14 @@ def train(cfg: Config, out: Path, hw: Hardware, callbacks: Callbacks | None = No
     out = out.expanduser().absolute()
     staging = rundir.prepare_output(out)
     check_engine(cfg, hw, simulated=grid is None)
-    trainer = check_hardware(hw, cfg.grad_clip) if cfg.engine == "local" or grid is None else None
+    runner = check_hardware(hw, cfg.grad_clip) if cfg.engine == "local" or grid is None else None
     setup = build(cfg)  # data problems surface here, before anything is written
     rundir.start_staging(staging, cfg, hw, recipe_source)
-    return _execute(setup, out, staging, hw, trainer, callbacks, recipe_source, grid, expected_nodes, client_mods,
+    return _execute(setup, out, staging, hw, runner, callbacks, recipe_source, grid, expected_nodes, client_mods,
                     extra_summary=extra_summary)
 
 
-def _execute(setup: Setup, out: Path, staging: Path, hw: Hardware, trainer, callbacks, recipe_source: str,
+def _execute(setup: Setup, out: Path, staging: Path, hw: Hardware, runner, callbacks, recipe_source: str,
              grid=None, expected_nodes: int = 0, client_mods=None, resume_from: dict | None = None,
              extra_summary: dict[str, Any] | None = None):
     """Rounds into `staging`, then the run directory renamed to `out`. On failure the staging directory
@@ -83,7 +83,7 @@ def _execute(setup: Setup, out: Path, staging: Path, hw: Hardware, trainer, call
         else:
             store = DiskStore(state_dir) if cfg.store == "disk" else MemoryStore()
             run = make_run(LocalWorkers(cfg, setup.clients, setup.architectures, setup.algorithm, store,
-                                        ClientRunner(trainer)))
+                                        runner))
             if resume_from is None:
                 run.initialise()
             else:
@@ -119,14 +119,14 @@ def resume(out: Path, make_callbacks: Callable[[Config, int], Callbacks] | None 
     if cfg.engine == "flower":
         raise RunDirError("--resume: runs on the flower engine cannot be resumed yet (their client states live "
                           "on the SuperNodes); rerun them")
-    trainer = check_hardware(hw, cfg.grad_clip)
+    runner = check_hardware(hw, cfg.grad_clip)
     setup = build(cfg)
     # a pointer that exists but cannot be read is an error to report, not a reason to start over
     state = checkpoint.load(staging, cfg.num_clients) if (staging / checkpoint.POINTER).exists() else None
     staging = rundir.claim(staging, out)
     round_idx = state["round"] if state else None
     callbacks = make_callbacks(cfg, round_idx or 0) if make_callbacks else None
-    summary = _execute(setup, out, staging, hw, trainer, callbacks, recipe_source, resume_from=state,
+    summary = _execute(setup, out, staging, hw, runner, callbacks, recipe_source, resume_from=state,
                        extra_summary=extra_summary)
     return cfg, summary, round_idx
 
@@ -137,13 +137,13 @@ def evaluate_run(run_dir: Path, hw: Hardware, data_dir: str | None = None) -> tu
     cfg = rundir.load_run_config(run_dir)
     if data_dir:
         cfg = config_mod.resolve(cfg.as_flat(), {"data_dir": data_dir})
-    trainer = check_hardware(hw)
+    runner = check_hardware(hw)
     setup = build(cfg)
     global_state = rundir.load_global_state(run_dir)
     store = MemoryStore()
     for k in range(cfg.num_clients):
         store.put(k, rundir.load_tensors(rundir.client_state_path(run_dir, k)))
-    workers = LocalWorkers(cfg, setup.clients, setup.architectures, setup.algorithm, store, ClientRunner(trainer))
+    workers = LocalWorkers(cfg, setup.clients, setup.architectures, setup.algorithm, store, runner)
     run = FederatedRun(cfg, setup.clients, setup.algorithm, workers)
     run.state.global_state = global_state
     try:

@@ -12,7 +12,7 @@ from pfl.algorithms.base import payload_bytes
 from pfl.algorithms.fedkd import compress, decompress
 from pfl.data import BatchTransform, build_clients, make_synthetic
 from pfl.errors import ConfigError
-from pfl.federation import ClientRunner, FederatedRun, MemoryStore, make_trainer
+from pfl.federation import FederatedRun, MemoryStore, make_runner
 from pfl.models import CNN_SPECS, assign_architectures, build_model, count_parameters
 
 D, C = 500, 4  # representation size, classes of the synthetic task in conftest.SMOKE
@@ -45,7 +45,7 @@ def one_client_round(cfg):
     download = algo.download(global_state, 0)
     module.receive(download)
     before = {n: p.detach().clone() for n, p in module.named_parameters()}
-    runner = ClientRunner(make_trainer(grad_clip=cfg.grad_clip))
+    runner = make_runner(grad_clip=cfg.grad_clip)
     runner.fit_phases(module, clients[0], cfg.batch_size, seed=1, arch=arch)
     changed = {n for n, p in module.named_parameters() if not torch.equal(before[n], p.detach())}
     upload = module.upload(clients[0].x_train, clients[0].y_train)
@@ -210,7 +210,7 @@ def test_fedkd_server_averages_updates_and_clients_track_the_global_mentee_exact
     cfg = method_cfg(make_cfg, "fedkd", rounds=3)
     algo, clients, archs = setup(cfg)
     run = FederatedRun.local(cfg, clients, archs, algo, MemoryStore(),
-                             ClientRunner(make_trainer(grad_clip=cfg.grad_clip)))
+                             make_runner(grad_clip=cfg.grad_clip))
     run.initialise()
     run.run_round()
     state = run.state.global_state
@@ -274,7 +274,7 @@ def test_bytes_per_round_equal_the_sizes_of_the_tensors_sent(make_cfg):
     for method, (up, down) in expected.items():
         cfg = method_cfg(make_cfg, method, rounds=1)
         algo, clients, archs = setup(cfg)
-        run = FederatedRun.local(cfg, clients, archs, algo, MemoryStore(), ClientRunner(make_trainer()))
+        run = FederatedRun.local(cfg, clients, archs, algo, MemoryStore(), make_runner())
         run.initialise()
         record = run.run_round()
         assert (record["bytes_up"], record["bytes_down"]) == (up, down), method
@@ -282,7 +282,7 @@ def test_bytes_per_round_equal_the_sizes_of_the_tensors_sent(make_cfg):
     # FedProto: per client, the classes it holds: m x d prototypes (float32) + m labels + m counts (int64)
     cfg = method_cfg(make_cfg, "fedproto", rounds=1)
     algo, clients, archs = setup(cfg)
-    run = FederatedRun.local(cfg, clients, archs, algo, MemoryStore(), ClientRunner(make_trainer()))
+    run = FederatedRun.local(cfg, clients, archs, algo, MemoryStore(), make_runner())
     run.initialise()
     record = run.run_round()
     held = [int(torch.unique(c.y_train).numel()) for c in clients]
@@ -291,7 +291,7 @@ def test_bytes_per_round_equal_the_sizes_of_the_tensors_sent(make_cfg):
     # FedGH: the same prototypes without counts up; the global head (C x d + C float32) down
     cfg = method_cfg(make_cfg, "fedgh", rounds=1)
     algo, clients, archs = setup(cfg)
-    run = FederatedRun.local(cfg, clients, archs, algo, MemoryStore(), ClientRunner(make_trainer()))
+    run = FederatedRun.local(cfg, clients, archs, algo, MemoryStore(), make_runner())
     run.initialise()
     record = run.run_round()
     assert record["bytes_up"] == sum(m * (4 * D + 8) for m in held)
@@ -302,7 +302,7 @@ def test_every_method_runs_a_round_and_measures_flops(make_cfg):
     for method in PAPER_METHODS + LATER_METHODS:
         cfg = method_cfg(make_cfg, method, rounds=1)
         algo, clients, archs = setup(cfg)
-        run = FederatedRun.local(cfg, clients, archs, algo, MemoryStore(), ClientRunner(make_trainer()))
+        run = FederatedRun.local(cfg, clients, archs, algo, MemoryStore(), make_runner())
         run.initialise()
         record = run.run_round()
         assert record["flops_client"] > 0 and record["flops_cumulative"] == record["flops_client"] + \

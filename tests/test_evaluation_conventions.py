@@ -3,13 +3,13 @@
 import torch
 from test_baselines import method_cfg, setup
 
-from pfl.federation import ClientRunner, FederatedRun, MemoryStore, make_trainer
+from pfl.federation import FederatedRun, MemoryStore, make_runner
 
 
 def _run_one_round(cfg):
     algo, clients, archs = setup(cfg)
     store = MemoryStore()
-    run = FederatedRun.local(cfg, clients, archs, algo, store, ClientRunner(make_trainer(grad_clip=cfg.grad_clip)))
+    run = FederatedRun.local(cfg, clients, archs, algo, store, make_runner(grad_clip=cfg.grad_clip))
     run.initialise()
     run.run_round()
     return algo, clients, archs, store, run

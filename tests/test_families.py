@@ -37,7 +37,7 @@ def _payload_shapes(make_cfg, method: str, arch: str) -> tuple[dict, dict]:
         loss = m.phase_loss(phase.name, m.transform(x, train=True), y)
         assert torch.isfinite(loss), (method, arch, phase.name)
         loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(m.parameters(), cfg.grad_clip)  # as the engine's Trainer does
+        norm = torch.nn.utils.clip_grad_norm_(m.parameters(), cfg.grad_clip)  # as the engine's runner does
         assert torch.isfinite(norm), (method, arch, phase.name)
         optimiser.step()
         m.after_step(phase.name)

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from pfl import config
 from pfl.errors import RunFailed
-from pfl.federation import ClientRunner, FederatedRun, MemoryStore, make_trainer
+from pfl.federation import FederatedRun, MemoryStore, make_runner
 from pfl.federation.engine import LocalWorkers
 from pfl.flower.app import from_record, to_record
 from pfl.flower.deploy import descendants
@@ -267,7 +267,7 @@ def test_deployment_survives_a_killed_supernode_and_equals_the_local_engine(tmp_
     setup = build(cfg)
     local = FederatedRun(cfg, setup.clients, setup.algorithm,
                          _LosesClient2AfterRound1(cfg, setup.clients, setup.architectures, setup.algorithm,
-                                                  MemoryStore(), ClientRunner(make_trainer(grad_clip=cfg.grad_clip))))
+                                                  MemoryStore(), make_runner(grad_clip=cfg.grad_clip)))
     local.initialise()
     local.run()
     same = ("train_loss", "loss_local", "loss_adapter", "bytes_up", "acc_mean", "acc_min", "acc_max")

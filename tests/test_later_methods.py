@@ -300,14 +300,14 @@ def test_upload_problem_rejects_malformed_updates_of_the_new_methods(make_cfg, m
 
 def test_bytes_per_round_of_the_new_methods_equal_the_tensors_sent_computed_by_hand(make_cfg):
     """One round of 4 clients (N=4, C=1): counted bytes against sizes from the shapes (float32 4 B, int64 8 B)."""
-    from pfl.federation import ClientRunner, FederatedRun, MemoryStore, make_trainer
+    from pfl.federation import FederatedRun, MemoryStore, make_runner
 
     cnn5 = lambda d: count_parameters(build_model("cnn5", (1, 16, 16), C, d))  # noqa: E731
     extractor = 8 * 1 * 9 + 8 + 1 * 8 * 9 + 1  # Conv(1, 8, 3) and Conv(8, 1, 3) with biases
     for method in ("fd", "fedtgp", "fedmrl", "pfedes", "fedssa", "pfedafm"):
         cfg = method_cfg(make_cfg, method, rounds=1)
         algo, clients, archs = setup(cfg)
-        run = FederatedRun.local(cfg, clients, archs, algo, MemoryStore(), ClientRunner(make_trainer()))
+        run = FederatedRun.local(cfg, clients, archs, algo, MemoryStore(), make_runner())
         run.initialise()
         record = run.run_round()
         held = [int(torch.unique(c.y_train).numel()) for c in clients]

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from pfl.algorithms import ALGORITHMS, TaskSpec, Upload
 from pfl.algorithms.base import cpu_clone, payload_bytes, weighted_mean
 from pfl.data import BatchTransform, build_clients, make_synthetic
-from pfl.federation import ClientRunner, FederatedRun, MemoryStore, make_trainer
+from pfl.federation import FederatedRun, MemoryStore, make_runner
 from pfl.models import assign_architectures
 
 
@@ -35,7 +35,7 @@ def test_phase_local_changes_only_the_private_model_and_phase_adapter_only_the_a
     module = algo.make_client("cnn2")
     with torch.no_grad():  # a non-zero B, so that the adapter actually contributes during phase 1
         module.adapter.B.normal_()
-    runner = ClientRunner(make_trainer(grad_clip=cfg.grad_clip))
+    runner = make_runner(grad_clip=cfg.grad_clip)
     all_names = {n for n, _ in module.named_parameters()}
     adapter_names = {n for n in all_names if n.startswith("adapter.")}
     model_names = all_names - adapter_names
@@ -44,8 +44,7 @@ def test_phase_local_changes_only_the_private_model_and_phase_adapter_only_the_a
     for phase, expect in (("local", model_names), ("adapter", adapter_names)):
         before = snapshot(module)
         module.set_phase(phase)
-        runner.trainer.fit_loop.max_epochs = runner.trainer.current_epoch + 1
-        runner.trainer.fit(module, TensorBatches(clients[0].x_train, clients[0].y_train, 32, True, 0))
+        runner.fit(module, TensorBatches(clients[0].x_train, clients[0].y_train, 32, True, 0), epochs=1)
         assert module.steps_in_phase == math.ceil(len(clients[0].y_train) / 32)
         assert changed(before, module) == expect, phase
 
@@ -81,7 +80,7 @@ def test_round_loop_counts_adapter_bytes_times_clients_times_two_and_keeps_state
     cfg = make_cfg({"num_clients": 6, "participation": 0.5, "rounds": 2, "pfedlora.rank": 4})
     algo, clients, archs = setup(cfg)
     store = MemoryStore()
-    run = FederatedRun.local(cfg, clients, archs, algo, store, ClientRunner(make_trainer(grad_clip=cfg.grad_clip)))
+    run = FederatedRun.local(cfg, clients, archs, algo, store, make_runner(grad_clip=cfg.grad_clip))
     run.initialise()
     state = run.run()
     adapter_bytes = (4 * 500 + 4 * 4) * 4  # r*(d+C) float32 parameters
@@ -104,7 +103,7 @@ def test_global_adapter_equals_weighted_mean_of_last_round_client_adapters(make_
     cfg = make_cfg({"num_clients": 4, "participation": 1.0, "rounds": 1})
     algo, clients, archs = setup(cfg)
     store = MemoryStore()
-    run = FederatedRun.local(cfg, clients, archs, algo, store, ClientRunner(make_trainer(grad_clip=cfg.grad_clip)))
+    run = FederatedRun.local(cfg, clients, archs, algo, store, make_runner(grad_clip=cfg.grad_clip))
     run.initialise()
     run.run()
     n = torch.tensor([c.num_train for c in clients], dtype=torch.float64)
@@ -139,7 +138,7 @@ def test_disk_store_gives_the_same_run_as_the_memory_store(make_cfg, tmp_path):
     histories = []
     for store in (MemoryStore(), DiskStore(tmp_path / "clients")):
         algo, clients, archs = setup(cfg)
-        run = FederatedRun.local(cfg, clients, archs, algo, store, ClientRunner(make_trainer(grad_clip=cfg.grad_clip)))
+        run = FederatedRun.local(cfg, clients, archs, algo, store, make_runner(grad_clip=cfg.grad_clip))
         run.initialise()
         histories.append([{k: v for k, v in r.items() if "seconds" not in k} for r in run.run().history])
     assert histories[0] == histories[1]
@@ -151,7 +150,7 @@ def test_local_engine_rejects_a_non_finite_or_misshaped_update(make_cfg):
     cfg = make_cfg()
     algo, clients, archs = setup(cfg)
     run = FederatedRun.local(cfg, clients, archs, algo, MemoryStore(),
-                             ClientRunner(make_trainer(grad_clip=cfg.grad_clip)))
+                             make_runner(grad_clip=cfg.grad_clip))
     run.initialise()
     train = run.workers.train
 

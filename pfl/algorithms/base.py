@@ -3,7 +3,7 @@
 An engine (the in-process loop today, Flower later) drives every method through this interface only:
 
     module.load_private_state(store[k]); module.receive(algorithm.download(global_state, k))
-    for phase in module.phases():  module.set_phase(phase.name); Trainer.fit(module, epochs=phase.epochs)
+    for phase in module.phases():  module.set_phase(phase.name); runner.fit(module, batches, phase.epochs)
     uploads.append(Upload(k, n_k, module.upload(x_k, y_k))); store[k] = module.private_state()
     global_state = algorithm.aggregate(global_state, uploads)
 

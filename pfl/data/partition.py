@@ -96,7 +96,8 @@ def dirichlet(labels: np.ndarray, num_clients: int, alpha: float, num_classes: i
         if min(len(p) for p in out) >= max(need, 1):
             return out
     raise ConfigError(f"recipe key 'dirichlet_alpha': with alpha={alpha} and {num_clients} clients some client "
-                      f"got fewer than {need} samples in 100 draws; raise dirichlet_alpha or lower num_clients")
+                      f"got fewer than {need} samples in 100 draws; raise dirichlet_alpha, lower num_clients or "
+                      f"lower min_client_samples")
 
 
 def iid(num_samples: int, num_clients: int, rng: np.random.Generator) -> list[np.ndarray]:
@@ -137,7 +138,7 @@ def partition_indices(labels: np.ndarray, cfg, num_classes: int
     if cfg.partition == "pathological":
         parts = pathological(labels, n, cfg.classes_per_client, num_classes, rng)
     elif cfg.partition == "dirichlet":
-        parts = dirichlet(labels, n, cfg.dirichlet_alpha, num_classes, rng)
+        parts = dirichlet(labels, n, cfg.dirichlet_alpha, num_classes, rng, getattr(cfg, "min_client_samples", 10))
     else:
         parts = iid(len(labels), n, rng)
     empty = [k for k, p in enumerate(parts) if len(p) == 0]

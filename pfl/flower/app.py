@@ -65,10 +65,10 @@ _WORKERS: dict[tuple, ClientWorker] = {}
 
 
 def _worker_for(run: ConfigRecord, context: Context) -> tuple[ClientWorker, int]:
-    """The node's worker for this run (built once per process: data, partition, method, Trainer)."""
+    """The node's worker for this run (built once per process: data, partition, method, runner)."""
     from pfl import config as config_mod
     from pfl.build import build
-    from pfl.federation import ClientRunner, DiskStore, make_trainer
+    from pfl.federation import DiskStore, make_runner
 
     state_dir = str(context.node_config.get("state-dir", "") or run["state_dir"])
     key = (run["config"], state_dir, run["accelerator"], run["precision"])
@@ -78,9 +78,9 @@ def _worker_for(run: ConfigRecord, context: Context) -> tuple[ClientWorker, int]
         if context.node_config.get("data-dir"):  # where this node keeps the data set, if not where the server does
             cfg = config_mod.resolve(cfg.as_flat(), {"data_dir": str(context.node_config["data-dir"])})
         setup = build(cfg)
-        trainer = make_trainer(str(run["accelerator"]), 1, str(run["precision"]), cfg.grad_clip)
+        runner = make_runner(str(run["accelerator"]), 1, str(run["precision"]), cfg.grad_clip)
         _WORKERS[key] = ClientWorker(cfg, setup.clients, setup.architectures, setup.algorithm,
-                                     DiskStore(state_dir), ClientRunner(trainer))
+                                     DiskStore(state_dir), runner)
     worker = _WORKERS[key]
     client_id = int(run["client_id"])
     partition, partitions = int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
