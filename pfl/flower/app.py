@@ -71,7 +71,9 @@ def _worker_for(run: ConfigRecord, context: Context) -> tuple[ClientWorker, int]
     from pfl.federation import DiskStore, make_runner
 
     state_dir = str(context.node_config.get("state-dir", "") or run["state_dir"])
-    key = (run["config"], state_dir, run["accelerator"], run["precision"])
+    # A warm ClientApp process (pfl/flower/warm.py) serves many messages: the cache lives as long as the run
+    # and the node; a new `flwr run` (run id) rebuilds it even for the same recipe.
+    key = (context.run_id, context.node_id, run["config"], state_dir, run["accelerator"], run["precision"])
     if key not in _WORKERS:
         _WORKERS.clear()  # one run at a time per process
         cfg = config_mod.from_toml(str(run["config"]))
@@ -98,9 +100,11 @@ def handle_query(msg: Message, context: Context) -> Message:
 
 
 def handle_train(msg: Message, context: Context) -> Message:
+    started = time.perf_counter()
     worker, k = _worker_for(msg.content["run"], context)
     result = worker.train(int(msg.content["run"]["round"]), k, from_record(msg.content["download"]))
-    metrics = {"num_samples": result.upload.num_samples, "flops": result.flops}
+    metrics = {"num_samples": result.upload.num_samples, "flops": result.flops,
+               "seconds": time.perf_counter() - started}
     metrics.update({f"loss.{name}": float(v) for name, v in result.losses.items()})
     metrics.update({f"diag.{name}": float(v) for name, v in result.diagnostics.items()})
     return Message(RecordDict({"upload": to_record(result.upload.tensors), "metrics": MetricRecord(metrics)}),
@@ -108,9 +112,11 @@ def handle_train(msg: Message, context: Context) -> Message:
 
 
 def handle_evaluate(msg: Message, context: Context) -> Message:
+    started = time.perf_counter()
     worker, k = _worker_for(msg.content["run"], context)
     accuracy = worker.evaluate(k, from_record(msg.content["download"]), str(msg.content["run"]["split"]))
-    return Message(RecordDict({"metrics": MetricRecord({"accuracy": float(accuracy)})}), reply_to=msg)
+    metrics = {"accuracy": float(accuracy), "seconds": time.perf_counter() - started}
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
 def make_client_app(mods: list | None = None) -> ClientApp:
@@ -142,6 +148,10 @@ class FlowerWorkers:
         self.timeout = cfg["flower.round_timeout"]
         self.partitions = 0
         self.node_of_partition: dict[int, int] = {}
+        # per message wave of the current round ("train", "evaluate test", ...): (wall seconds from push to the
+        # last reply, seconds the busiest node's ClientApp spent handling its messages); the difference is
+        # Flower's own messaging latency (its polling) plus transfers
+        self.round_timing: dict[str, tuple[float, float]] = {}
 
     # -- nodes --------------------------------------------------------------------------------
     def start(self, initial_global: Tensors) -> None:
@@ -184,9 +194,22 @@ class FlowerWorkers:
     def _node(self, client_id: int) -> int:
         return self.node_of_partition[client_id % self.partitions]
 
-    def _exchange(self, messages: list[Message], timeout: float, on_reply) -> list[Message | None]:
+    def _exchange(self, messages: list[Message], timeout: float, on_reply, wave: str = "") -> list[Message | None]:
         """Push messages, pull replies until all are in or `timeout` passes; the reply to messages[i] at
-        position i (None: none came). `on_reply(i, reply)` is called as each arrives."""
+        position i (None: none came). `on_reply(i, reply)` is called as each arrives. A named `wave` records
+        its timing in `round_timing`."""
+        started = time.perf_counter()
+        replies = self._push_and_pull(messages, timeout, on_reply)
+        if wave:
+            busy: dict[int, float] = {}
+            for message, reply in zip(messages, replies):
+                if reply is not None and not reply.has_error() and "seconds" in reply.content["metrics"]:
+                    node = message.metadata.dst_node_id
+                    busy[node] = busy.get(node, 0.0) + float(reply.content["metrics"]["seconds"])
+            self.round_timing[wave] = (time.perf_counter() - started, max(busy.values(), default=0.0))
+        return replies
+
+    def _push_and_pull(self, messages: list[Message], timeout: float, on_reply) -> list[Message | None]:
         ids = list(self.grid.push_messages(messages))
         position = {mid: i for i, mid in enumerate(ids) if mid}
         replies: list[Message | None] = [None] * len(messages)
@@ -223,7 +246,8 @@ class FlowerWorkers:
     # -- rounds -------------------------------------------------------------------------------
     def train(self, round_idx: int, downloads: dict[int, Tensors], on_done) -> dict[int, Outcome]:
         order, messages, outcomes = self._messages("train", round_idx, downloads)
-        replies = self._exchange(messages, self.timeout, lambda i, _: on_done(order[i]))
+        self.round_timing = {}
+        replies = self._exchange(messages, self.timeout, lambda i, _: on_done(order[i]), wave="train")
         for i, k in enumerate(order):
             outcomes[k] = self._result(k, replies[i])
         return outcomes
@@ -256,7 +280,7 @@ class FlowerWorkers:
 
     def evaluate(self, downloads: dict[int, Tensors], split: str = "test") -> dict[int, float]:
         order, messages, offline = self._messages("evaluate", -1, downloads, split)  # -1: not a training round
-        replies = self._exchange(messages, self.timeout, None)
+        replies = self._exchange(messages, self.timeout, None, wave=f"evaluate {split}")
         accs: dict[int, float] = {}
         for i, k in enumerate(order):
             reply = replies[i]

@@ -2,7 +2,9 @@
 `flwr run` of pfl's Flower app against them; every process started here is stopped here.
 
 This is the real deployment path (separate processes talking over HTTP, ClientApps in their own
-processes), only on one machine. On several machines the same three commands run on different hosts
+processes), only on one machine. By default each SuperNode runs with `--isolation process` and one warm
+ClientApp process (pfl/flower/warm.py) that serves all of its messages; `warm=False` is Flower's default,
+a fresh `flwr-clientapp` process per message. On several machines the same three commands run on different hosts
 (docs/distributed.md). This process makes itself a child subreaper, so that the detached processes
 Flower spawns (SuperExec, ServerApp, ClientApps) stay its descendants and are stopped with the rest.
 """
@@ -138,6 +140,7 @@ class LoopbackDeployment:
     env: dict[str, str] = field(default_factory=dict)
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     port: int = 0
+    warm: bool = True
 
     def __enter__(self) -> LoopbackDeployment:
         # orphans of detached Flower processes become our children, so that stopping finds them
@@ -158,10 +161,15 @@ class LoopbackDeployment:
                                       "--port", str(self.port)])
             _wait_for_port(self.port, self.processes["superlink"], 60, "the SuperLink", self.log("superlink"))
             for i in range(self.supernodes):
-                self._start(f"supernode-{i}", [
+                runtime_port = free_port()  # the SuperNode's runtime API, where ClientApp processes connect
+                node = self._start(f"supernode-{i}", [
                     f"{bin_dir}/flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{self.port}",
-                    "--host", "127.0.0.1", "--port", str(free_port()),
-                    "--node-config", f"partition-id={i} num-partitions={self.supernodes}"])
+                    "--host", "127.0.0.1", "--port", str(runtime_port),
+                    "--node-config", f"partition-id={i} num-partitions={self.supernodes}",
+                    *(["--isolation", "process"] if self.warm else [])])
+                if self.warm:
+                    self._start(f"clientapp-{i}", [sys.executable, "-m", "pfl.flower.warm", "--runtime-api-address",
+                                                   f"127.0.0.1:{runtime_port}", "--parent-pid", str(node.pid)])
         except BaseException:
             self.stop()
             raise
@@ -219,8 +227,9 @@ def _toml_value(value: object) -> str:
 
 
 def deploy(cfg, out: Path, supernodes: int, accelerator: str = "cpu", precision: str = "32-true",
-           on_line=None, keep_logs: bool = True) -> Path:
+           on_line=None, keep_logs: bool = True, warm: bool = True) -> Path:
     """Run `cfg` on a loopback Flower deployment with `supernodes` SuperNodes; the run directory is `out`.
+    `warm`: one long-running ClientApp process per SuperNode (else one per message, Flower's default).
     Returns `out`. Raises RunFailed (with the logs' location) when the run did not complete."""
     import tomli_w
 
@@ -235,7 +244,7 @@ def deploy(cfg, out: Path, supernodes: int, accelerator: str = "cpu", precision:
     config_path.write_text(tomli_w.dumps(cfg.as_nested()), encoding="utf-8")
     failed = False  # a failed run keeps its logs (and says where); success and interrupts leave nothing
     try:
-        with LoopbackDeployment(supernodes, workdir) as deployment:
+        with LoopbackDeployment(supernodes, workdir, warm=warm) as deployment:
             code = deployment.run_app({"config": str(config_path), "out": str(out), "num-supernodes": supernodes,
                                        "accelerator": accelerator, "precision": precision}, on_line)
         if code != 0 or not (out / "summary.json").is_file():

@@ -37,9 +37,21 @@ def _deployment_main(grid: Grid, context: Context) -> None:
 
 
 class LogRounds(Callbacks):
-    """Progress of a deployed run as log lines (the ServerApp has no terminal of its own)."""
+    """Progress of a deployed run as log lines (the ServerApp has no terminal of its own), with each message
+    wave's wall time against the time the busiest node's ClientApp spent on it (the rest is Flower's
+    messaging: its polling intervals and transfers)."""
+
+    def __init__(self):
+        self.run = None
+
+    def on_run_start(self, run) -> None:
+        self.run = run
 
     def on_round_end(self, record):
         acc = record.get("acc_mean", math.nan)
-        log.warning("pfl: round %d: %d clients, %d dropped, mean accuracy %s", record["round"], record["clients"],
-                    record["clients_dropped"], "-" if math.isnan(acc) else f"{acc:.4f}")
+        timing = getattr(self.run.workers, "round_timing", {}) if self.run is not None else {}
+        waves = "; ".join(f"{wave} {wall:.2f} s wall, {busy:.2f} s in the busiest ClientApp"
+                          for wave, (wall, busy) in timing.items())
+        log.warning("pfl: round %d: %d clients, %d dropped, mean accuracy %s%s", record["round"], record["clients"],
+                    record["clients_dropped"], "-" if math.isnan(acc) else f"{acc:.4f}",
+                    f" | messages: {waves}" if waves else "")

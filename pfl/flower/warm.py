@@ -1,0 +1,109 @@
+"""A warm ClientApp process for one SuperNode: it serves every message the node receives, in one process.
+
+Flower's own `flwr-clientapp` serves exactly one message and exits, whichever isolation mode the SuperNode
+runs in; with pfl that meant importing torch and Lightning and rebuilding the data set for every message
+(~20 s per round for four tiny clients). A SuperNode started with `--isolation process` leaves starting
+ClientApp processes to whoever serves its runtime API (host:port of `flower-supernode`); this module is
+that server's client: it loops on Flower's own runtime calls (AcquireTask, then the same pull / load / call
+/ push sequence as `flwr-clientapp`) and keeps the Python process, so pfl's per-process cache in
+`pfl.flower.app` (data, partition, modules, runner) lives from the first message to the last.
+
+    python -m pfl.flower.warm --runtime-api-address 127.0.0.1:PORT [--parent-pid SUPERNODE_PID]
+
+It uses `flwr.supernode.runtime.run_clientapp`'s helpers (pull_task_input, push_message, push_task_output),
+which are Flower internals: pfl pins flwr < 1.43 and the deployment test runs this path end to end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import time
+
+POLL_SECONDS = 0.05  # between AcquireTask calls while the node has no message for this process
+
+log = logging.getLogger("pfl.flower.warm")
+
+
+def _client(address: str, interceptors: list):
+    from flwr.supercore.retry import make_simple_http_retry_invoker
+    from flwr.supercore.runtime import RuntimeHttpClient
+
+    return RuntimeHttpClient.from_server_address(server_address=address, insecure=True, root_certificates=None,
+                                                 interceptors=interceptors,
+                                                 retry_invoker=make_simple_http_retry_invoker())
+
+
+def serve_one(address: str, token: str, load_app) -> str:
+    """Serve the task `token`: pull its message, run pfl's ClientApp on it, push the reply. Returns the
+    status Flower records ('completed' or 'failed'); a ClientApp exception becomes an error reply."""
+    from flwr.app import Message
+    from flwr.app.error import Error
+    from flwr.cli.install import install_from_fab
+    from flwr.common.constant import ErrorCode, SubStatus
+    from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+    from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
+    from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+
+    client = _client(address, [RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
+                               RuntimeTokenHttpInterceptor(token)])
+    heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))  # long trainings must not look dead
+    heartbeat.start()
+    message = context = reply = None
+    status, details = SubStatus.FAILED, "the task input could not be pulled"
+    try:
+        message, context, run, fab = pull_task_input(client)
+        install_from_fab(fab.content, skip_prompt=True)  # unpacks once per FAB hash, then a no-op
+        reply = load_app(run.fab_id, run.fab_version, fab.hash_str)(message=message, context=context)
+        status, details = SubStatus.COMPLETED, ""
+    except Exception as exc:
+        details = f"{type(exc)}:<'{exc}'>"
+        log.exception("the ClientApp raised")
+        if message is not None:
+            reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details), reply_to=message)
+    finally:
+        try:
+            if reply is not None and context is not None:
+                push_message(client, reply, context)
+            push_task_output(client=client, context=context, sub_status=status, details=details)
+        finally:
+            heartbeat.stop()
+            client.close()
+    return status
+
+
+def serve(address: str) -> None:
+    """Serve the SuperNode at `address` until this process is stopped."""
+    from flwr.clientapp.utils import get_load_client_app_fn
+    from flwr.proto.runtime_pb2 import AcquireTaskRequest
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
+
+    # Loaded apps are cached by Python's module cache: `pfl.flower.app` is imported once per process.
+    load_app = get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)
+    executor = _client(address, [RuntimeVersionHttpInterceptor(component_name="SuperExec")])
+    while True:
+        task = executor.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
+        if not (task.HasField("task") and task.token):
+            time.sleep(POLL_SECONDS)
+            continue
+        serve_one(address, task.token, load_app)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runtime-api-address", required=True, help="host:port of the SuperNode's runtime API")
+    parser.add_argument("--parent-pid", type=int, default=0, help="exit when this process (the SuperNode) ends")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.parent_pid:
+        from flwr.supercore.app_utils import start_parent_process_monitor
+
+        start_parent_process_monitor(args.parent_pid)
+    with contextlib.suppress(KeyboardInterrupt):  # the parent monitor's SIGINT, or a stop
+        serve(args.runtime_api_address)
+
+
+if __name__ == "__main__":
+    main()
