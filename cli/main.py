@@ -239,6 +239,9 @@ def deploy(
     seed: int | None = typer.Option(None, "--seed", help="overrides the recipe's seed"),
     precision: str = typer.Option("32-true", "--precision", help="clients' Lightning precision"),
     accelerator: str = typer.Option("cpu", "--accelerator", help="clients' accelerator: cpu or gpu"),
+    warm: bool = typer.Option(True, "--warm/--per-message", help="one long-running ClientApp process per "
+                              "SuperNode (keeps torch, data and models loaded), or Flower's default: a fresh "
+                              "ClientApp process per message"),
 ) -> None:
     """Run a recipe on a real Flower deployment on this machine: a SuperLink, SUPERNODES SuperNodes and
     `flwr run` of pfl's Flower app, each its own process over loopback; all of them stopped at the end."""
@@ -266,7 +269,7 @@ def deploy(
             if "pfl:" in line or "ERROR" in line or "dropped" in line:
                 console.print(line, markup=False, highlight=False, soft_wrap=True)
 
-        run_dir = deploy_run(cfg, Path(target), supernodes, accelerator, precision, on_line=show)
+        run_dir = deploy_run(cfg, Path(target), supernodes, accelerator, precision, on_line=show, warm=warm)
     except PflUserError as exc:
         _fail(str(exc))
     except RunFailed as exc:
