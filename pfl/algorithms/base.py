@@ -206,6 +206,8 @@ class ClientModule(L.LightningModule):
         # methods that act on the classes the client holds (FedSSA)
         self.train_labels: torch.Tensor | None = None
         self.val_accuracy = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        # where `keep` puts private-state copies: the CPU, or the device when the run keeps states there
+        self.state_device = torch.device("cpu")
         self._loss_sum = torch.zeros(())
         self._loss_steps = 0
 
@@ -232,12 +234,29 @@ class ClientModule(L.LightningModule):
         the CPU), for methods whose upload summarises it (per-class prototypes)."""
         raise NotImplementedError
 
+    def private_modules(self) -> dict[str, nn.Module]:
+        """Modules besides `model` that are this client's own between rounds, by state-name prefix (pFedLoRA's
+        adapter, FedMRL's small model and projector). Default: none."""
+        return {}
+
+    def keep(self, tensors: Tensors) -> Tensors:
+        """Copies of `tensors` for the store, made on `state_device` (the CPU unless the run keeps client
+        states on its device)."""
+        return {k: v.detach().to(self.state_device, copy=True).contiguous() for k, v in tensors.items()}
+
     def private_state(self) -> Tensors:
-        """Everything that must survive until this client's next round (CPU copies)."""
-        return cpu_clone(self.model.state_dict())
+        """Everything that must survive until this client's next round: the model and `private_modules`."""
+        state = self.keep(self.model.state_dict())
+        for prefix, module in self.private_modules().items():
+            state.update(self.keep(prefixed(prefix, module.state_dict())))
+        return state
 
     def load_private_state(self, state: Tensors) -> None:
-        self.model.load_state_dict(state)
+        own = state
+        for prefix, module in self.private_modules().items():
+            module.load_state_dict(unprefixed(prefix, state))
+            own = outside(prefix, own)
+        self.model.load_state_dict(own)
 
     def prepare_eval(self, global_state: Tensors) -> None:
         """Put the module in the configuration personalised evaluation uses (default: as trained)."""

@@ -135,7 +135,7 @@ class FedKDClient(ClientModule):
         return prefixed("update", compress(delta, self.energy))
 
     def private_state(self) -> Tensors:
-        return {**cpu_clone(self.model.state_dict()), **prefixed("reference", self.reference)}
+        return {**self.keep(self.model.state_dict()), **self.keep(prefixed("reference", self.reference))}
 
     def load_private_state(self, state: Tensors) -> None:
         self.model.load_state_dict(outside("reference", state))

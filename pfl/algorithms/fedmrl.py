@@ -30,7 +30,6 @@ from pfl.algorithms.base import (
     Tensors,
     Upload,
     cpu_clone,
-    outside,
     prefixed,
     register,
     setting,
@@ -83,14 +82,8 @@ class FedMRLClient(ClientModule):
     def upload(self, x_train, y_train) -> Tensors:
         return cpu_clone(prefixed("small", self.small.state_dict()))
 
-    def private_state(self) -> Tensors:
-        return {**cpu_clone(self.model.state_dict()), **cpu_clone(prefixed("small", self.small.state_dict())),
-                **cpu_clone(prefixed("projector", self.projector.state_dict()))}
-
-    def load_private_state(self, state: Tensors) -> None:
-        self.model.load_state_dict(outside("projector", outside("small", state)))
-        self.small.load_state_dict(unprefixed("small", state))
-        self.projector.load_state_dict(unprefixed("projector", state))
+    def private_modules(self) -> dict[str, nn.Module]:
+        return {"small": self.small, "projector": self.projector}
 
 
 @register

@@ -98,8 +98,8 @@ class PFedAFMClient(ClientModule):
         return cpu_clone(prefixed("shared", self.shared.state_dict()))
 
     def private_state(self) -> Tensors:
-        return {**cpu_clone(self.model.state_dict()), **cpu_clone(prefixed("shared", self.received)),
-                **cpu_clone(prefixed("mix", {"alpha": self.alpha}))}
+        return {**self.keep(self.model.state_dict()), **self.keep(prefixed("shared", self.received)),
+                **self.keep(prefixed("mix", {"alpha": self.alpha}))}
 
     def load_private_state(self, state: Tensors) -> None:
         self.model.load_state_dict(outside("mix", outside("shared", state)))

@@ -30,7 +30,6 @@ from pfl.algorithms.base import (
     Tensors,
     Upload,
     cpu_clone,
-    outside,
     prefixed,
     register,
     setting,
@@ -86,12 +85,8 @@ class PFedESClient(ClientModule):
     def upload(self, x_train, y_train) -> Tensors:
         return cpu_clone(prefixed("extractor", self.extractor.state_dict()))
 
-    def private_state(self) -> Tensors:
-        return {**cpu_clone(self.model.state_dict()), **cpu_clone(prefixed("extractor", self.extractor.state_dict()))}
-
-    def load_private_state(self, state: Tensors) -> None:
-        self.model.load_state_dict(outside("extractor", state))
-        self.extractor.load_state_dict(unprefixed("extractor", state))
+    def private_modules(self) -> dict[str, nn.Module]:
+        return {"extractor": self.extractor}
 
 
 @register

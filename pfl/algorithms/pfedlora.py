@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from pfl.algorithms.base import (
     Algorithm,
@@ -31,7 +32,6 @@ from pfl.algorithms.base import (
     Tensors,
     Upload,
     cpu_clone,
-    outside,
     prefixed,
     register,
     setting,
@@ -127,12 +127,8 @@ class PFedLoRAClient(ClientModule):
     def upload(self, x_train, y_train) -> Tensors:
         return cpu_clone(prefixed("adapter", self.adapter.state_dict()))
 
-    def private_state(self) -> Tensors:
-        return {**cpu_clone(self.model.state_dict()), **cpu_clone(prefixed("adapter", self.adapter.state_dict()))}
-
-    def load_private_state(self, state: Tensors) -> None:
-        self.model.load_state_dict(outside("adapter", state))
-        self.adapter.load_state_dict(unprefixed("adapter", state))
+    def private_modules(self) -> dict[str, nn.Module]:
+        return {"adapter": self.adapter}
 
     def prepare_eval(self, global_state: Tensors) -> None:
         if self.settings.inference_adapter == "global":
