@@ -121,6 +121,10 @@ def train(
                                          "simulation with Ray); overrides the recipe's `engine`"),
     resume: Path | None = typer.Option(None, "--resume", help="continue the interrupted run that was "
                                           "writing this directory, from its newest checkpoint"),
+    threads: int = typer.Option(0, "--threads", help="torch threads of this run (0: torch's default, all "
+                                "cores); set it when several runs share a machine"),
+    resident: str = typer.Option("auto", "--resident", help="keep client data and private states on the "
+                                 "device for the whole run: auto (on a GPU when they fit), on, off"),
 ) -> None:
     """Run a recipe and write a run directory (config, metrics.csv, summary.json, plot, final state)."""
     _interrupt_on_sigterm()
@@ -129,6 +133,10 @@ def train(
     from pfl.errors import PflUserError, RunFailed
 
     if resume is not None:
+        if threads > 0:  # the rest of the hardware is the interrupted run's own
+            import torch
+
+            torch.set_num_threads(threads)
         _resume(resume, recipe, set_, out, seed, engine)
         return
     target = None
@@ -138,7 +146,7 @@ def train(
         cfg, source = config.load(recipe, (set_ or []) + ([f"engine={engine}"] if engine else []), seed)
         target = out or Path("runs") / f"{cfg.name}-{cfg.method}-{datetime.now():%Y%m%d-%H%M%S}"
         rundir.prepare_output(target)
-        hw = run_mod.Hardware(accelerator, _parse_devices(devices), precision)
+        hw = run_mod.Hardware(accelerator, _parse_devices(devices), precision, threads, resident)
         console.print(f"[bold]pfl train[/] {cfg.method} on {cfg.dataset}: N={cfg.num_clients}, "
                       f"C={cfg.participation}, T={cfg.rounds}, {cfg.partition} partition, {cfg.model_setting} "
                       f"models, seed {cfg.seed}, {_engine_text(cfg)} -> {target}")

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from pfl.algorithms import ALGORITHMS, Algorithm, TaskSpec
+from pfl.algorithms.base import payload_bytes
 from pfl.data import BatchTransform, build_clients, load_dataset
 from pfl.data.partition import ClientData
 from pfl.errors import PflUserError
@@ -23,6 +24,11 @@ class Hardware:
     accelerator: str = "cpu"
     devices: Any = 1
     precision: str = "32-true"
+    threads: int = 0  # torch intra-op threads of this process; 0 = torch's default (all cores)
+    resident: str = "auto"  # client data and private states on the device: auto | on | off
+
+
+RESIDENT_CHOICES = ("auto", "on", "off")
 
 
 @dataclass
@@ -41,6 +47,12 @@ def check_hardware(hw: Hardware, grad_clip: float = 0.0):
                            f"(or one device index such as [1]), got {hw.devices}")
     if isinstance(hw.devices, list) and len(hw.devices) != 1:
         raise PflUserError(f"--devices: the local engine uses exactly one device, got {hw.devices}")
+    if hw.threads < 0:
+        raise PflUserError(f"--threads: must be >= 0 (0 = torch's default), got {hw.threads}")
+    if hw.resident not in RESIDENT_CHOICES:
+        raise PflUserError(f"--resident: must be one of {', '.join(RESIDENT_CHOICES)}, got {hw.resident!r}")
+    if hw.threads:
+        torch.set_num_threads(hw.threads)
     return make_runner(hw.accelerator, hw.devices, hw.precision, grad_clip)
 
 
@@ -61,6 +73,24 @@ def _check_models_fit(architectures: list[str], spec: TaskSpec) -> None:
             build_model(arch, spec.image_shape, spec.num_classes, spec.representation_dim)
         except ValueError as exc:
             raise PflUserError(f"recipe key 'model_zoo': {exc}") from None
+
+
+def keeps_resident(setup: Setup, hw: Hardware, device: torch.device) -> bool:
+    """Whether the local engine keeps every client's data and private state on `device` for the whole run
+    (no host round trip per client): `--resident on` / `off`, or `auto` = on a GPU when data and states take
+    at most half of its free memory. On the CPU both ways are the same computation."""
+    if hw.resident == "off" or setup.cfg.store == "disk":
+        return False
+    if hw.resident == "on":
+        return True
+    if device.type != "cuda":
+        return False
+    data = sum(t.numel() * t.element_size() for c in setup.clients
+               for t in (c.x_train, c.y_train, c.x_test, c.y_test, c.x_val, c.y_val))
+    per_arch = {arch: payload_bytes(setup.algorithm.make_client(arch).private_state())
+                for arch in set(setup.architectures)}
+    free, _total = torch.cuda.mem_get_info(device)
+    return data + sum(per_arch[a] for a in setup.architectures) <= free // 2
 
 
 def check_engine(cfg: Config, hw: Hardware, simulated: bool) -> None:

@@ -75,7 +75,7 @@ def save(root: Path, round_idx: int, global_state: dict[str, torch.Tensor], clie
     files = {"global.safetensors": {k: v.contiguous() for k, v in global_state.items()} or
              {"_empty": torch.zeros(0)}}
     for k, state in client_states:
-        files[f"clients/{client_file(k)}"] = {n: t.contiguous() for n, t in state.items()}
+        files[f"clients/{client_file(k)}"] = {n: t.cpu().contiguous() for n, t in state.items()}
     digests = {}
     for rel, tensors in files.items():
         save_file(tensors, str(tmp / rel))

@@ -99,8 +99,8 @@ SCHEMA: dict[str, Field] = {
     "min_clients": Field("int", 1, "fewest usable client updates a round needs; below it the run stops", low=1),
     "flower.num_supernodes": Field("int", 0, "Flower simulation: SuperNodes (node p serves the clients k with "
                                    "k mod nodes = p); 0: one per client", low=0),
-    "flower.client_cpus": Field("float", 1.0, "Flower simulation: CPU cores reserved per client (Ray resources)",
-                                low=0.0, low_open=True),
+    "flower.client_cpus": Field("float", 1.0, "Flower: CPU cores per client: Ray resources in a simulation, and "
+                                "every ClientApp's torch threads (rounded, at least 1)", low=0.0, low_open=True),
     "flower.client_gpus": Field("float", 0.0, "Flower simulation: share of a GPU per client, e.g. 0.25 for four "
                                 "clients per GPU (Ray resources)", low=0.0),
     "flower.round_timeout": Field("float", 600.0, "Flower: seconds the server waits for a round's replies; a "

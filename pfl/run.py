@@ -21,8 +21,8 @@ from typing import Any
 
 from pfl import checkpoint, rundir
 from pfl import config as config_mod
-from pfl.build import Hardware, Setup, build, check_engine, check_hardware, client_accelerator
-from pfl.errors import RunDirError
+from pfl.build import Hardware, Setup, build, check_engine, check_hardware, client_accelerator, keeps_resident
+from pfl.errors import PflUserError, RunDirError
 from pfl.federation import CallbackList, Callbacks, DiskStore, FederatedRun, MemoryStore
 from pfl.federation.engine import LocalWorkers
 from pfl.report import MetricsFlusher, write_report
@@ -44,6 +44,9 @@ def train(cfg: Config, out: Path, hw: Hardware, callbacks: Callbacks | None = No
     out = out.expanduser().absolute()
     staging = rundir.prepare_output(out)
     check_engine(cfg, hw, simulated=grid is None)
+    if hw.resident == "on" and (cfg.engine != "local" or cfg.store == "disk"):
+        raise PflUserError("--resident on: needs the local engine with store = \"memory\" (client states in "
+                           f"this process), got engine {cfg.engine!r}, store {cfg.store!r}")
     runner = check_hardware(hw, cfg.grad_clip) if cfg.engine == "local" or grid is None else None
     setup = build(cfg)  # data problems surface here, before anything is written
     rundir.start_staging(staging, cfg, hw, recipe_source)
@@ -81,9 +84,10 @@ def _execute(setup: Setup, out: Path, staging: Path, hw: Hardware, runner, callb
                 run.initialise()
                 run.run()
         else:
-            store = DiskStore(state_dir) if cfg.store == "disk" else MemoryStore()
-            run = make_run(LocalWorkers(cfg, setup.clients, setup.architectures, setup.algorithm, store,
-                                        runner))
+            resident = keeps_resident(setup, hw, runner.device)
+            clients = [c.to(runner.device) for c in setup.clients] if resident else setup.clients
+            store = DiskStore(state_dir) if cfg.store == "disk" else MemoryStore(runner.device if resident else "cpu")
+            run = make_run(LocalWorkers(cfg, clients, setup.architectures, setup.algorithm, store, runner))
             if resume_from is None:
                 run.initialise()
             else:

@@ -167,7 +167,7 @@ def save_states(root: Path, global_state: Tensors, client_states) -> None:
     save_file({k: v.contiguous() for k, v in global_state.items()} or {"_empty": torch.zeros(0)},
               str(root / "state" / "global.safetensors"))
     for k, state in client_states or ():
-        save_file(state, str(client_state_path(root, k)))
+        save_file({n: t.cpu().contiguous() for n, t in state.items()}, str(client_state_path(root, k)))
 
 
 def client_state_path(run_dir: Path, client_id: int) -> Path:

@@ -212,29 +212,33 @@ def _deployed_supernode(deploy_pid: int, partition: int) -> int:
     raise AssertionError(f"no SuperNode with partition-id={partition} under pid {deploy_pid}")
 
 
-class _LosesClient2AfterRound1(LocalWorkers):
-    """The local engine with client 2 gone from round 2 on, as if its machine had died."""
+class _LosesNode1AfterRound1(LocalWorkers):
+    """The local engine with clients 1 and 3 (SuperNode 1 of 2) gone from round 2 on, as if their machine
+    had died."""
+
+    GONE = (1, 3)
 
     def train(self, round_idx, downloads, on_done):
-        gone = round_idx > 1
-        outcomes = super().train(round_idx, {k: d for k, d in downloads.items() if not (gone and k == 2)}, on_done)
-        if gone:
-            outcomes[2] = "gone"
+        gone = self.GONE if round_idx > 1 else ()
+        outcomes = super().train(round_idx, {k: d for k, d in downloads.items() if k not in gone}, on_done)
+        outcomes.update(dict.fromkeys(gone, "gone"))
         return outcomes
 
     def evaluate(self, downloads, split="test"):
-        return super().evaluate({k: d for k, d in downloads.items() if k != 2}, split)
+        return super().evaluate({k: d for k, d in downloads.items() if k not in self.GONE}, split)
 
 
 @pytest.mark.slow
 def test_deployment_survives_a_killed_supernode_and_equals_the_local_engine(tmp_path):
-    """`pfl deploy`: a SuperLink, 3 SuperNodes and flwr run as separate processes on loopback. SuperNode 2
-    is killed (SIGKILL) after round 1; rounds 2 and 3 complete with clients 0 and 1. Everything the
-    deployment computed equals the local engine losing client 2 at the same point, and every process
-    `pfl deploy` started is gone afterwards."""
+    """`pfl deploy`: a SuperLink, 2 SuperNodes, their warm ClientApp processes and flwr run as separate
+    processes on loopback; 4 clients, node p serves clients p and p + 2. SuperNode 1 is killed (SIGKILL) after
+    round 1 (its ClientApp process follows it); rounds 2 and 3 complete with clients 0 and 2. Everything the
+    deployment computed equals the local engine losing clients 1 and 3 at the same point; node 0's one warm
+    ClientApp process served all of its messages (several clients, several rounds); every process `pfl
+    deploy` started is gone afterwards."""
     out = tmp_path / "run"
-    overrides = {"num_clients": 3, "rounds": 3, "eval_every": 3, "flower.round_timeout": 30.0}
-    cmd = [sys.executable, "-m", "cli.main", "deploy", "--recipe", "smoke", "--supernodes", "3", "--out", str(out)]
+    overrides = {"num_clients": 4, "rounds": 3, "eval_every": 3, "flower.round_timeout": 30.0}
+    cmd = [sys.executable, "-m", "cli.main", "deploy", "--recipe", "smoke", "--supernodes", "2", "--out", str(out)]
     for key, value in overrides.items():
         cmd += ["--set", f"{key}={value}"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
@@ -244,7 +248,7 @@ def test_deployment_survives_a_killed_supernode_and_equals_the_local_engine(tmp_
         for line in proc.stdout:
             lines.append(line)
             if not killed and "pfl: round 1:" in line:
-                os.kill(_deployed_supernode(proc.pid, 2), signal.SIGKILL)
+                os.kill(_deployed_supernode(proc.pid, 1), signal.SIGKILL)
                 killed = True
         proc.wait(timeout=600)
     finally:
@@ -253,23 +257,34 @@ def test_deployment_survives_a_killed_supernode_and_equals_the_local_engine(tmp_
     text = "".join(lines)
     assert proc.returncode == 0, text[-3000:]
     assert killed, text[-3000:]
+    assert "in the busiest ClientApp" in text  # each round's message timing is reported
     rows = read_rows(out / "metrics.csv")
-    assert [int(r["clients_dropped"]) for r in rows] == [0, 1, 1]
+    assert [int(r["clients_dropped"]) for r in rows] == [0, 2, 2]
     per_client = {int(r["client_id"]): r["accuracy"] for r in read_rows(out / "per_client.csv")}
-    assert math.isnan(float(per_client[2]))  # its node is gone: no personalised accuracy
-    assert float(per_client[0]) > 0.5 and float(per_client[1]) > 0.5  # 2-class clients: above chance
-    assert (out / "flower-logs" / "supernode-0.log").is_file()
+    assert math.isnan(float(per_client[1])) and math.isnan(float(per_client[3]))  # their node is gone
+    assert float(per_client[0]) > 0.5 and float(per_client[2]) > 0.5  # 2-class clients: above chance
+    # node 0: 1 query, 2 clients x 3 rounds of training, 2 evaluations, all served by one process
+    served = [line for line in (out / "flower-logs" / "clientapp-0.log").read_text().splitlines()
+              if " served a " in line]
+    assert len(served) == 9, served
+    assert len({line.split(" pid ")[1].split()[0] for line in served}) == 1
+    assert sum(" train message " in line for line in served) == 6
 
-    # the same recipe on the local engine, client 2 lost after round 1 (ClientApp processes and this one
-    # use torch's default thread count)
+    # the same recipe on the local engine, clients 1 and 3 lost after round 1, with one torch thread like
+    # the ClientApps (flower.client_cpus = 1)
     raw, _ = config.read_recipe_file("smoke")
     cfg = config.resolve(raw, overrides)
     setup = build(cfg)
-    local = FederatedRun(cfg, setup.clients, setup.algorithm,
-                         _LosesClient2AfterRound1(cfg, setup.clients, setup.architectures, setup.algorithm,
-                                                  MemoryStore(), make_runner(grad_clip=cfg.grad_clip)))
-    local.initialise()
-    local.run()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        local = FederatedRun(cfg, setup.clients, setup.algorithm,
+                             _LosesNode1AfterRound1(cfg, setup.clients, setup.architectures, setup.algorithm,
+                                                    MemoryStore(), make_runner(grad_clip=cfg.grad_clip)))
+        local.initialise()
+        local.run()
+    finally:
+        torch.set_num_threads(threads)
     same = ("train_loss", "loss_local", "loss_adapter", "bytes_up", "acc_mean", "acc_min", "acc_max")
     for deployed, mine in zip(rows, local.state.history):
         for column in same:
@@ -277,6 +292,6 @@ def test_deployment_survives_a_killed_supernode_and_equals_the_local_engine(tmp_
             assert deployed[column] == ("" if isinstance(value, float) and math.isnan(value) else str(value)), column
     final = load_file(str(out / "state" / "global.safetensors"))
     assert all(torch.equal(final[n], local.state.global_state[n]) for n in final)
-    for k in (0, 1):
+    for k in (0, 2):
         deployed_state = load_file(str(out / "state" / "clients" / f"client_{k:05d}.safetensors"))
         assert all(torch.equal(deployed_state[n], local.workers.store.get(k)[n]) for n in deployed_state)

@@ -39,7 +39,8 @@ class TensorBatches:
 
     def __iter__(self):
         n = len(self.y)
-        order = torch.randperm(n, generator=self.generator) if self.shuffle else None
+        # drawn on the CPU (the same order wherever the data lives), used where the data is
+        order = torch.randperm(n, generator=self.generator).to(self.y.device) if self.shuffle else None
         start = 0
         for size in self.sizes():
             if order is None:

@@ -16,6 +16,7 @@ partition and the test split do not change): the validation share is never train
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,6 +46,11 @@ class ClientData:
     @property
     def num_train(self) -> int:
         return len(self.y_train)
+
+    def to(self, device: torch.device | str) -> ClientData:
+        """This client's data on `device` (a run that keeps client data resident on its GPU)."""
+        return dataclasses.replace(self, **{f.name: getattr(self, f.name).to(device)
+                                            for f in dataclasses.fields(self) if f.name != "client_id"})
 
     def split(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, y) of the "test" or "val" split."""

@@ -302,6 +302,7 @@ class ClientWorker:
         if arch not in self._modules:
             self._modules[arch] = self.algorithm.make_client(arch)
         module = self._modules[arch]
+        module.state_device = self.store.device
         module.load_private_state(self.store.get(client_id))
         module.train_labels = self.clients[client_id].y_train
         return module
@@ -321,6 +322,7 @@ class ClientWorker:
                        if every and round_idx % every == 0 else {})
         with count_flops() as upload_flops:
             tensors = module.upload(data.x_train, data.y_train)
+        tensors = {k: v if v.device.type == "cpu" else v.cpu() for k, v in tensors.items()}  # uploads travel
         self.store.put(client_id, module.private_state())
         return ClientResult(Upload(client_id, data.num_train, tensors), losses, diagnostics,
                             receive_flops() + flops + upload_flops())

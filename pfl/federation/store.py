@@ -1,7 +1,8 @@
-"""Where every client's private state lives between its rounds: CPU memory or disk, never the device.
+"""Where every client's private state lives between its rounds: memory (CPU, or the training device when
+the run keeps client states resident there) or disk (safetensors files, for many clients or large models).
 
-Only the client being trained or evaluated has its state loaded into a module on the device; the store
-holds CPU tensors (memory) or safetensors files (disk, for many clients or large models).
+Only the client being trained or evaluated has its state loaded into a module; `device` tells the modules
+where to make their state copies (ClientModule.keep), so a resident store never round-trips the host.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file, save_file
 
 from pfl.schema import Tensors
@@ -20,11 +22,12 @@ def client_file(client_id: int) -> str:
 
 
 class MemoryStore:
-    def __init__(self):
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
         self._states: dict[int, Tensors] = {}
 
     def put(self, client_id: int, state: Tensors) -> None:
-        self._states[client_id] = state
+        self._states[client_id] = {k: v.to(self.device) for k, v in state.items()}  # no copy if already there
 
     def get(self, client_id: int) -> Tensors:
         return self._states[client_id]
@@ -36,6 +39,8 @@ class MemoryStore:
 class DiskStore:
     """One safetensors file per client, replaced atomically (write to a temporary name, then rename)."""
 
+    device = torch.device("cpu")
+
     def __init__(self, root: Path):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
@@ -46,7 +51,7 @@ class DiskStore:
     def put(self, client_id: int, state: Tensors) -> None:
         path = self._path(client_id)
         tmp = path.with_suffix(".tmp")
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp))
         os.replace(tmp, path)
 
     def get(self, client_id: int) -> Tensors:

@@ -79,6 +79,9 @@ def _worker_for(run: ConfigRecord, context: Context) -> tuple[ClientWorker, int]
         cfg = config_mod.from_toml(str(run["config"]))
         if context.node_config.get("data-dir"):  # where this node keeps the data set, if not where the server does
             cfg = config_mod.resolve(cfg.as_flat(), {"data_dir": str(context.node_config["data-dir"])})
+        # a ClientApp uses the cores it was given (Ray's client_resources in a simulation, the same share per
+        # ClientApp process in a deployment), so that clients sharing a machine do not oversubscribe it
+        torch.set_num_threads(max(1, round(cfg["flower.client_cpus"])))
         setup = build(cfg)
         runner = make_runner(str(run["accelerator"]), 1, str(run["precision"]), cfg.grad_clip)
         _WORKERS[key] = ClientWorker(cfg, setup.clients, setup.architectures, setup.algorithm,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import time
 
 POLL_SECONDS = 0.05  # between AcquireTask calls while the node has no message for this process
@@ -50,6 +51,7 @@ def serve_one(address: str, token: str, load_app) -> str:
                                RuntimeTokenHttpInterceptor(token)])
     heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))  # long trainings must not look dead
     heartbeat.start()
+    started = time.perf_counter()
     message = context = reply = None
     status, details = SubStatus.FAILED, "the task input could not be pulled"
     try:
@@ -70,6 +72,8 @@ def serve_one(address: str, token: str, load_app) -> str:
         finally:
             heartbeat.stop()
             client.close()
+    kind = message.metadata.message_type if message is not None else "?"
+    log.info("pid %d served a %s message in %.3f s: %s", os.getpid(), kind, time.perf_counter() - started, status)
     return status
 
 
