@@ -10,11 +10,13 @@ Both sides, in one process, interleaved round by round so machine noise hits the
 pfl adds Lightning (its Fabric loop calling the module's hooks), the store, sampling, byte counting and callbacks.
 
     python benchmarks/overhead.py                       # fmnist recipe, 5 timed rounds
+    python benchmarks/overhead.py --recipe fmnist-xdevice --rounds 10 --threads 1   # cross-device: 50 small clients
     python benchmarks/overhead.py --recipe smoke --rounds 2
     python benchmarks/overhead.py --memory              # peak RSS of each side, each alone in a subprocess
 
 Prints per-round seconds for both, the ratio of the medians, and the median of the per-round (paired)
-ratios pfl / plain, which is the figure least moved by a noisy machine (target: <= 1.10 on fmnist). Peak memory
+ratios pfl / plain, which is the figure least moved by a noisy machine (targets: <= 1.10 on fmnist, the
+paper's shape; <= 1.15 on fmnist-xdevice, where per-client fixed costs dominate). Peak memory
 cannot be told apart within one process, so `--memory` runs each side alone (`--side`) in a fresh
 subprocess for the same rounds and compares their peak resident set sizes.
 """
@@ -153,7 +155,7 @@ def main() -> None:
     print(f"median seconds per round: pfl {pfl_med:.3f}, plain PyTorch {plain_med:.3f}")
     print(f"ratio of medians pfl / plain: {pfl_med / plain_med:.3f}")
     print(f"median of per-round ratios: {statistics.median(ratios):.3f} (min {min(ratios):.3f}, "
-          f"max {max(ratios):.3f}; target <= 1.10)")
+          f"max {max(ratios):.3f}; target <= 1.10 on the paper's setting, <= 1.15 cross-device)")
     print(f"max |global adapter pfl - plain| after {total_rounds} rounds: {drift:.2e}")
 
 
