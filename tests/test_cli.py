@@ -1,5 +1,6 @@
 """The CLI as a user runs it: real `pfl` processes, exit codes, messages, and what lands on disk."""
 
+import csv
 import json
 import math
 import os
@@ -214,12 +215,18 @@ def test_recipes_lists_the_bundled_recipes(monkeypatch):
         assert key in keys.stdout
 
 
-def test_bf16_mixed_precision_runs_on_the_cpu(tmp_path):
-    out = tmp_path / "bf16"
-    res = pfl("train", "--recipe", "smoke", "--precision", "bf16-mixed", "--set", "rounds=1", "--out", str(out))
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true", "64-true"])
+def test_cpu_precisions_run_and_upload_float32(tmp_path, precision):
+    """Mixed and true precisions train on the CPU; a true-precision client computes in bf16 / float64 and its
+    upload travels in float32 (pFedLoRA's adapter: r (d + C) floats of 4 bytes, none rejected)."""
+    out = tmp_path / precision
+    res = pfl("train", "--recipe", "smoke", "--precision", precision, "--set", "rounds=1", "--out", str(out))
     assert res.returncode == 0, res.stderr
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["hardware"]["precision"] == "bf16-mixed" and 0.0 <= summary["final"]["acc_mean"] <= 1.0
+    assert summary["hardware"]["precision"] == precision and 0.0 <= summary["final"]["acc_mean"] <= 1.0
+    with open(out / "metrics.csv", newline="") as f:
+        row = next(csv.DictReader(f))
+    assert int(row["clients_dropped"]) == 0 and int(row["bytes_up"]) == 4 * 4 * 8 * (500 + 4)
 
 
 def test_cifar10_recipe_runs_end_to_end_on_a_cifar_format_archive(tmp_path):

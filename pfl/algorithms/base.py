@@ -199,7 +199,7 @@ class ClientModule(L.LightningModule):
         super().__init__()
         self.model = model
         self.cfg = cfg
-        self.transform = transform
+        self.batch_transform = transform
         self.num_classes = num_classes
         self.phase: str | None = None
         # the labels of the client this module is loaded for (set by the engine with its private state), for
@@ -291,6 +291,12 @@ class ClientModule(L.LightningModule):
     # --- shared machinery -------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
+
+    def transform(self, x: torch.Tensor, train: bool) -> torch.Tensor:
+        """Raw uint8 images -> normalised floats in the module's dtype (a true-precision run, bf16-true or
+        64-true, converts the module once; every method's own data path then follows it)."""
+        out = self.batch_transform(x, train)
+        return out if out.dtype == self.dtype else out.to(self.dtype)
 
     def set_phase(self, phase: str) -> None:
         """Freeze everything, then unfreeze exactly the phase's trainable parameters."""

@@ -11,6 +11,7 @@ The measured step leaves no trace: gradients are cleared and every parameter and
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -28,10 +29,11 @@ def count_flops() -> Iterator[Callable[[], int]]:
     # get_total_flops stays valid after the block
 
 
-def step_flops(module, phase: str, x: torch.Tensor, y: torch.Tensor) -> int:
+def step_flops(module, phase: str, x: torch.Tensor, y: torch.Tensor, precision=None) -> int:
     """FLOPs of one training step (forward and backward) of `module` in `phase` on the batch (x, y).
 
     `module` is a ClientModule already set to `phase`; x is raw (uint8) as the data loader yields it.
+    `precision`: the run's Lightning precision plugin (its input conversion and forward context), if any.
     """
     snapshot = {k: v.detach().clone() for k, v in module.state_dict().items()}
     was_training = module.training
@@ -42,8 +44,11 @@ def step_flops(module, phase: str, x: torch.Tensor, y: torch.Tensor) -> int:
     # train=False: the same shapes without consuming the random stream that real augmentation uses
     x = module.transform(x.to(device), train=False)
     y = y.to(device)
+    if precision is not None:
+        x = precision.convert_input(x)
+    context = precision.forward_context() if precision is not None else contextlib.nullcontext()
     try:
-        with count_flops() as flops:
+        with count_flops() as flops, context:
             loss = module.phase_loss(phase, x, y)
             if loss.requires_grad:
                 loss.backward()
@@ -58,8 +63,9 @@ def step_flops(module, phase: str, x: torch.Tensor, y: torch.Tensor) -> int:
 class FlopMeter:
     """Training FLOPs per client round, measured once per (architecture, phase, batch size) and reused."""
 
-    def __init__(self):
+    def __init__(self, precision=None):
         self._cache: dict[tuple, int] = {}
+        self.precision = precision
 
     def phase_flops(self, module, arch: str, phase: str, epochs: int, x: torch.Tensor, y: torch.Tensor,
                     batch_sizes: list[int]) -> int:
@@ -69,7 +75,7 @@ class FlopMeter:
             count = batch_sizes.count(size)
             key = (type(module).__name__, arch, phase, size)
             if key not in self._cache:
-                self._cache[key] = step_flops(module, phase, x[:size], y[:size])
+                self._cache[key] = step_flops(module, phase, x[:size], y[:size], self.precision)
             total += self._cache[key] * count
         return total * epochs
 

@@ -90,7 +90,7 @@ class ClientRunner:
         self.fabric = fabric
         self.precision = fabric.strategy.precision
         self.grad_clip = grad_clip
-        self.flop_meter = FlopMeter()
+        self.flop_meter = FlopMeter(self.precision)
         self._batch_norm: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> has batch norm
 
     @property
@@ -177,6 +177,14 @@ class ClientRunner:
         module.val_accuracy.reset()
         module.train(was_training)
         return acc
+
+
+def on_the_wire(t: torch.Tensor) -> torch.Tensor:
+    """An upload tensor as it travels: on the CPU, floats in float32 whatever precision the client computed
+    in (bf16-true, 64-true), so the server's templates and aggregation see one dtype."""
+    if t.is_floating_point() and t.dtype != torch.float32:
+        t = t.float()
+    return t if t.device.type == "cpu" else t.cpu()
 
 
 def has_batch_norm(module: torch.nn.Module) -> bool:
@@ -322,7 +330,7 @@ class ClientWorker:
                        if every and round_idx % every == 0 else {})
         with count_flops() as upload_flops:
             tensors = module.upload(data.x_train, data.y_train)
-        tensors = {k: v if v.device.type == "cpu" else v.cpu() for k, v in tensors.items()}  # uploads travel
+        tensors = {k: on_the_wire(v) for k, v in tensors.items()}
         self.store.put(client_id, module.private_state())
         return ClientResult(Upload(client_id, data.num_train, tensors), losses, diagnostics,
                             receive_flops() + flops + upload_flops())
