@@ -140,23 +140,35 @@ def read_staging(staging: Path) -> tuple[Config, Hardware, str]:
 
 class Checkpointer(Callbacks):
     """Every `checkpoint_every` rounds (before the last): the complete run state, atomically (pfl.checkpoint).
-    Engines whose client states live elsewhere (Flower nodes) are not checkpointed."""
+    Engines whose client states live elsewhere (Flower nodes) are not checkpointed. Clients not sampled
+    since the newest checkpoint keep their file from it (a hard link): only trained clients are written."""
 
     def __init__(self, root: Path):
         self.root = root
         self.run = None
+        self.sampled: set[int] | None = None  # sampled since the newest checkpoint; None: every client is new
 
     def on_run_start(self, run) -> None:
         self.run = run
+        # a restored run starts from the newest checkpoint's files exactly; a fresh one has none
+        self.sampled = set() if run.state.round > 0 else None
+
+    def on_round_start(self, round_idx: int, sampled: list[int]) -> None:
+        if self.sampled is not None:
+            self.sampled.update(sampled)
 
     def on_round_end(self, record: dict[str, Any]) -> None:
         every, t = self.run.cfg.checkpoint_every, record["round"]
         if every == 0 or t % every or t == self.run.cfg.rounds:
             return
-        states = self.run.workers.client_states()
+        everyone = range(self.run.cfg.num_clients)
+        unchanged = [] if self.sampled is None else [k for k in everyone if k not in self.sampled]
+        linked = set(checkpoint.linkable(self.root, unchanged))
+        states = self.run.workers.client_states([k for k in everyone if k not in linked])
         if states is None:
             return
-        checkpoint.save(self.root, t, self.run.state.global_state, states, self.run.state.progress())
+        checkpoint.save(self.root, t, self.run.state.global_state, states, self.run.state.progress(), linked)
+        self.sampled = set()
 
 
 # ---------------------------------------------------------------- state files of a finished run

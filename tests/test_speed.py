@@ -5,6 +5,7 @@ minimum client size. No timing is asserted here (benchmarks/overhead.py measures
 
 import csv
 import json
+import os
 
 import numpy as np
 import pytest
@@ -15,7 +16,8 @@ from pfl import config
 from pfl.build import Hardware, build
 from pfl.data import TensorBatches
 from pfl.data.partition import dirichlet
-from pfl.federation import make_runner
+from pfl.federation import Callbacks, make_runner
+from pfl.federation.store import client_file
 from pfl.run import train
 from pfl.seeding import derive_seed
 
@@ -114,3 +116,39 @@ def test_cross_device_recipe_resolves():
     cfg, _ = config.load("fmnist-xdevice", [])
     assert (cfg.num_clients, cfg.participation, cfg.batch_size, cfg.dirichlet_alpha) == (1000, 0.05, 10, 0.3)
 
+
+
+class _CheckpointInodes(Callbacks):
+    """After each round's checkpoint: the inode of every client's file in it, and who was sampled."""
+
+    def __init__(self, root):
+        self.root, self.inodes, self.sampled = root, {}, {}
+
+    def on_round_start(self, round_idx, sampled):
+        self.sampled[round_idx] = set(sampled)
+
+    def on_round_end(self, record):
+        staging = next(self.root.parent.glob(f".{self.root.name}.partial-*"))
+        latest = json.loads((staging / "checkpoint.json").read_text())["latest"]
+        self.inodes[record["round"]] = {k: os.stat(staging / latest / "clients" / client_file(k)).st_ino
+                                        for k in range(4)}
+
+
+def test_checkpoint_links_the_files_of_clients_not_sampled_since_the_last_one(tmp_path):
+    """participation 0.5: a checkpoint writes only the clients sampled since the previous one; the others'
+    files are the previous checkpoint's (same inode), and the final states equal a run without checkpoints."""
+    base = {**config.read_recipe_file("smoke")[0], "participation": 0.5, "rounds": 5}
+    probe = _CheckpointInodes(tmp_path / "run")
+    train(config.resolve({**base, "checkpoint_every": 1}), tmp_path / "run", Hardware(), callbacks=probe)
+    train(config.resolve({**base, "checkpoint_every": 0}), tmp_path / "plain", Hardware())
+    linked = 0
+    for t in range(2, 5):  # checkpoints after rounds 1-4 (none after the last round)
+        for k in range(4):
+            same = probe.inodes[t][k] == probe.inodes[t - 1][k]
+            assert same == (k not in probe.sampled[t]), (t, k)
+            linked += same
+    assert linked == 6  # 2 of 4 clients sampled per round
+    for k in range(4):
+        name = f"state/clients/{client_file(k)}"
+        a, b = load_file(str(tmp_path / "run" / name)), load_file(str(tmp_path / "plain" / name))
+        assert all(torch.equal(a[n], b[n]) for n in a)

@@ -15,7 +15,7 @@ import math
 import time
 import warnings
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -356,8 +356,9 @@ Outcome = ClientResult | str
 
 
 class Workers(Protocol):
-    """The engine, as the round loop sees it. `client_states` yields every (client id, private state) for
-    checkpoints and the run directory, or is None where the states live elsewhere (Flower nodes)."""
+    """The engine, as the round loop sees it. `client_states(ids)` yields (client id, private state) for
+    the clients `ids` (default: every client), for checkpoints and the run directory, or is None where the
+    states live elsewhere (Flower nodes)."""
 
     def start(self, initial_global: Tensors) -> None: ...
 
@@ -366,7 +367,7 @@ class Workers(Protocol):
 
     def evaluate(self, downloads: dict[int, Tensors], split: str) -> dict[int, float]: ...
 
-    def client_states(self) -> Iterator[tuple[int, Tensors]] | None: ...
+    def client_states(self, ids: Iterable[int] | None = None) -> Iterator[tuple[int, Tensors]] | None: ...
 
     def restore(self, states: dict[int, Tensors]) -> None: ...
 
@@ -393,8 +394,9 @@ class LocalWorkers:
     def evaluate(self, downloads: dict[int, Tensors], split: str = "test") -> dict[int, float]:
         return {k: self.worker.evaluate(k, d, split) for k, d in downloads.items()}
 
-    def client_states(self) -> Iterator[tuple[int, Tensors]]:
-        return ((k, self.store.get(k)) for k in range(len(self.worker.clients)))
+    def client_states(self, ids: Iterable[int] | None = None) -> Iterator[tuple[int, Tensors]]:
+        ids = range(len(self.worker.clients)) if ids is None else ids
+        return ((k, self.store.get(k)) for k in ids)
 
     def restore(self, states: dict[int, Tensors]) -> None:
         for k, state in states.items():

@@ -274,7 +274,7 @@ class FlowerWorkers:
             return f"it reports {num_samples} training samples, its partition has {self.clients[k].num_train}"
         return ClientResult(Upload(k, num_samples, tensors), losses, diagnostics, flops)
 
-    def client_states(self) -> None:
+    def client_states(self, ids=None) -> None:
         """Client states live on the SuperNodes' disks; they are not handed to the server."""
         return None
 
