@@ -650,6 +650,61 @@ def models(
     console.print(table)
 
 
+@app.command()
+def partition(
+    recipe: str = typer.Option(..., "--recipe", "-r", help="bundled recipe name or a .toml path"),
+    set_: list[str] | None = typer.Option(None, "--set", "-s", help="override a recipe key: key=value"),
+    seed: int | None = typer.Option(None, "--seed", help="overrides the recipe's seed"),
+    out: Path | None = typer.Option(None, "--out", "-o", help="the picture to write (PNG; default "
+                                    "<recipe>-partition.png here)"),
+) -> None:
+    """Show a recipe's partition without training: a table per client (architecture, samples, classes, label
+    entropy) and the clients x classes heatmaps of training and test counts (the run directory's
+    partition.png). Writes nothing but the picture."""
+    import os
+
+    import numpy as np
+
+    from pfl import config
+    from pfl.build import build
+    from pfl.errors import PflUserError
+    from pfl.pictures import write_partition_picture
+
+    try:
+        cfg, _ = config.load(recipe, set_ or [], seed)
+        target = Path(out) if out is not None else Path(f"{cfg.name}-partition.png")
+        if target.suffix.lower() != ".png":
+            raise PflUserError(f"--out: must be a .png file, got {str(target)!r}")
+        if target.is_dir() or not target.absolute().parent.is_dir():
+            raise PflUserError(f"--out: {str(target)!r} is a directory or its directory does not exist")
+        setup = build(cfg)
+    except PflUserError as exc:
+        _fail(str(exc))
+    tmp = target.with_name(f".{target.name}.tmp.png")  # renamed into place: never a half-written picture
+    counts = write_partition_picture(tmp, cfg, setup.clients, setup.architectures)
+    entropy = counts.entropy()
+    table = Table(title=f"{cfg.name}: {cfg.partition} partition of {cfg.dataset}, N={cfg.num_clients}, "
+                        f"seed {cfg.seed}")
+    for col in ("client", "arch", "train", "test", "classes", "entropy (bits)"):
+        table.add_column(col, justify="left" if col == "arch" else "right")
+    shown = range(cfg.num_clients) if cfg.num_clients <= 50 else [*range(20), *range(cfg.num_clients - 5,
+                                                                                     cfg.num_clients)]
+    for k in shown:
+        if cfg.num_clients > 50 and k == cfg.num_clients - 5:
+            table.add_row("...", "", "", "", "", "")
+        table.add_row(str(k), counts.architectures[k], str(int(counts.train[k].sum())),
+                      str(int(counts.test[k].sum())), str(int((counts.train[k] > 0).sum())), f"{entropy[k]:.2f}")
+    train_n = counts.train.sum(axis=1)
+    table.add_section()
+    table.add_row("total", f"{len(set(counts.architectures))} archs", f"{int(train_n.sum()):,}",
+                  f"{int(counts.test.sum()):,}", f"{cfg.num_classes} in all", f"mean {entropy.mean():.2f}")
+    table.caption = (f"training samples per client: min {int(train_n.min())}, median {int(np.median(train_n))}, "
+                     f"max {int(train_n.max())}; entropy of a uniform client: {np.log2(cfg.num_classes):.2f} bits")
+    console.print(table)
+    os.replace(tmp, target)
+    console.print(f"partition picture -> {target}")
+
+
 def main() -> None:  # pragma: no cover - entry for `python -m cli.main`
     app()
 

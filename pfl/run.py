@@ -25,6 +25,7 @@ from pfl.build import Hardware, Setup, build, check_engine, check_hardware, clie
 from pfl.errors import PflUserError, RunDirError
 from pfl.federation import CallbackList, Callbacks, DiskStore, FederatedRun, MemoryStore
 from pfl.federation.engine import LocalWorkers
+from pfl.pictures import write_partition_picture
 from pfl.report import MetricsFlusher, write_report
 from pfl.schema import Config
 
@@ -67,6 +68,7 @@ def _execute(setup: Setup, out: Path, staging: Path, hw: Hardware, runner, callb
         return FederatedRun(cfg, setup.clients, setup.algorithm, workers, all_callbacks)
 
     try:
+        write_partition_picture(staging / "partition.png", cfg, setup.clients, setup.architectures)
         started = time.perf_counter()
         if cfg.engine == "flower":
             # Clients keep their private state on their node's disk; on one machine that is the run directory.

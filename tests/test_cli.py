@@ -22,7 +22,7 @@ def test_train_smoke_end_to_end_and_eval_reproduces_final_accuracy(tmp_path):
     out = tmp_path / "run"
     res = pfl("train", "--recipe", "smoke", "--out", str(out))
     assert res.returncode == 0, res.stderr
-    for name in ("config.toml", "metrics.csv", "summary.json", "per_client.csv", "accuracy.png",
+    for name in ("config.toml", "metrics.csv", "summary.json", "per_client.csv", "accuracy.png", "partition.png",
                  "state/global.safetensors", "state/clients/client_00000.safetensors"):
         assert (out / name).is_file(), name
     assert "personalised accuracy per client" in res.stdout and "final mean accuracy" in res.stdout
@@ -124,6 +124,10 @@ BAD = [
     (["train", "--recipe", "smoke", "--set", "evaluate_at=end"], "recipe key 'evaluate_at': must be one of"),
     (["compare", "--recipe", "smoke", "--methods", "later,fedx"], "--methods: unknown method 'fedx'"),
     (["models", "--recipe", "nope"], "--recipe: unknown recipe 'nope'"),
+    (["partition", "--recipe", "nope"], "--recipe: unknown recipe 'nope'"),
+    (["partition", "--recipe", "smoke", "--set", "num_clients=0"], "recipe key 'num_clients'"),
+    (["partition", "--recipe", "smoke", "--out", "split.jpg"], "--out: must be a .png file"),
+    (["partition", "--recipe", "smoke", "--out", "missing/split.png"], "--out: 'missing/split.png' is a directory"),
     (["models", "--recipe", "smoke", "--set", "representation_dim=0"], "recipe key 'representation_dim'"),
     (["train", "--recipe", "/etc/passwd"], "--recipe: '/etc/passwd' is not valid TOML"),
     (["train", "--recipe", "missing.toml"], "--recipe: file 'missing.toml' does not exist"),
@@ -177,6 +181,7 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, monkeypatc
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], res.stderr
     assert "Traceback" not in res.stderr
     assert not out.exists() and not list(tmp_path.glob(".*partial*")) and not (tmp_path / "runs").exists()
+    assert not list(tmp_path.glob("*.png")) and not list(tmp_path.glob(".*.png"))
     assert _snapshot(finished_run) == before
 
 
