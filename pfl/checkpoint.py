@@ -173,6 +173,8 @@ def load(root: Path, num_clients: int) -> dict[str, Any]:
         progress["round"], progress["history"] = int(progress["round"]), list(progress["history"])
         for key in ("last_accuracies", "last_val_accuracies"):
             progress[key] = [float(a) for a in progress.get(key, [])]
+        progress["client_curves"] = [{"round": int(c["round"]), "accuracies": [float(a) for a in c["accuracies"]]}
+                                     for c in progress.get("client_curves", [])]
     except (UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
         raise RunDirError(f"checkpoint file '{directory / 'progress.json'}' is corrupted "
                           f"({type(exc).__name__})") from None

@@ -1,4 +1,4 @@
-"""`pfl compare`: several methods on the same recipe, partitions and seeds; one table and two plots.
+"""`pfl compare`: several methods on the same recipe, partitions and seeds; one table and three plots.
 
 Layout of a comparison directory:
 
@@ -7,6 +7,7 @@ Layout of a comparison directory:
     comparison.md            the same table in Markdown, with the protocol it was measured under
     accuracy_vs_round.png    mean accuracy per round (mean over seeds, band: min-max over seeds)
     accuracy_vs_bytes.png    mean accuracy against bytes communicated so far (both directions)
+    per_client.png           every method's final accuracy per client (mean over seeds), side by side
 
 A finished run (it has summary.json, which `train` writes last) is reused when the comparison is run
 again with the same output directory, after checking that it was made with the same resolved recipe.
@@ -33,7 +34,7 @@ from pfl.algorithms import ALGORITHMS, LATER_METHODS, PAPER_METHODS
 from pfl.config import HYPERPARAMETERS
 from pfl.errors import ConfigError, RunDirError
 from pfl.parallel import RunOutcome, RunSpec, check_reusable, finished, run_all
-from pfl.rundir import load_run_config
+from pfl.rundir import load_run_config, read_per_client
 from pfl.schema import Config
 
 REFERENCE = "pfedlora"
@@ -381,9 +382,28 @@ def write_outputs(out: Path, records: list[RunRecord], rows: list[dict[str, Any]
     if failed:
         md += ["", "Failed runs (not in the figures above; rerun the same command to retry or resume them):", *failed]
     _atomic_write(out / "comparison.md", "\n".join(md) + "\n")
-    plots = [out / "accuracy_vs_round.png", out / "accuracy_vs_bytes.png"]
+    plots = [out / "accuracy_vs_round.png", out / "accuracy_vs_bytes.png", out / "per_client.png"]
     plot_comparison(records, plots[0], plots[1], describe(records))
+    plot_per_client(records, plots[2], describe(records))
     return [out / "comparison.csv", out / "comparison.md", *plots]
+
+
+def plot_per_client(records: list[RunRecord], path: Path, subtitle: str) -> None:
+    """per_client.png: every method's final accuracy per client (mean over seeds), side by side."""
+    import textwrap
+
+    import matplotlib.pyplot as plt
+
+    from pfl.pictures import plot_client_comparison
+
+    per_method: dict[str, list[list[float]]] = {}
+    for r in sorted(records, key=_method_order):
+        accuracies = [float(row["accuracy"]) if row["accuracy"] not in ("", None) else math.nan
+                      for row in read_per_client(r.run_dir)]
+        per_method.setdefault(r.method, []).append(accuracies)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
+    plt.close(plot_client_comparison(per_method, tmp, "\n".join(textwrap.wrap(subtitle, 95))))
+    os.replace(tmp, path)
 
 
 def _curves(runs: list[RunRecord], column: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

@@ -20,6 +20,7 @@ from pfl.build import Hardware, Setup
 from pfl.federation import Callbacks
 from pfl.federation.costs import first_reaching
 from pfl.federation.engine import ACCURACY_COLUMNS
+from pfl.pictures import plot_clients
 
 BEST_NOTE = "best mean accuracy over evaluated rounds; not the final result"
 
@@ -132,8 +133,12 @@ def write_report(root: Path, setup: Setup, run, wall: float, hw: Hardware, recip
         summary["validation"] = {"fraction": cfg.val_fraction, "final": val_final, "best": val_best}
     summary.update(extra or {})
     (root / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    plot_accuracy(history, root / "accuracy.png", title=f"{cfg.method} on {cfg.dataset} "
-                  f"(N={cfg.num_clients}, C={cfg.participation}, seed {cfg.seed})")
+    title = f"{cfg.method} on {cfg.dataset} (N={cfg.num_clients}, C={cfg.participation}, seed {cfg.seed})"
+    plot_accuracy(history, root / "accuracy.png", title=title)
+    import matplotlib.pyplot as plt
+
+    accuracies = [row["accuracy"] for row in per_client]
+    plt.close(plot_clients(setup.architectures, accuracies, state.client_curves, root / "clients.png", title))
     return summary
 
 

@@ -30,7 +30,8 @@ def test_compare_runs_every_method_and_seed_and_writes_table_and_plots(compariso
     out, res = comparison
     runs = sorted(p.name for p in (out / "runs").iterdir())
     assert runs == ["pfedlora-seed0", "pfedlora-seed1", "standalone-seed0", "standalone-seed1"]
-    for name in ("comparison.csv", "comparison.md", "accuracy_vs_round.png", "accuracy_vs_bytes.png"):
+    for name in ("comparison.csv", "comparison.md", "accuracy_vs_round.png", "accuracy_vs_bytes.png",
+                 "per_client.png"):
         assert (out / name).stat().st_size > 0, name
     assert "comparison" in res.stdout and "pfedlora" in res.stdout and "standalone" in res.stdout
     rows = read_csv(out / "comparison.csv")

@@ -5,8 +5,18 @@ import numpy as np
 import pytest
 
 from pfl import config
-from pfl.build import build
-from pfl.pictures import PartitionCounts, client_labels, partition_counts, plot_partition
+from pfl.build import Hardware, build
+from pfl.federation import FederatedRun, MemoryStore, make_runner
+from pfl.pictures import (
+    PartitionCounts,
+    client_labels,
+    partition_counts,
+    plot_client_comparison,
+    plot_clients,
+    plot_partition,
+)
+from pfl.run import train
+from pfl.rundir import read_per_client
 
 
 def test_heatmaps_draw_the_partitions_counts():
@@ -43,3 +53,36 @@ def test_partition_command_writes_only_its_picture(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["smoke-partition.png"]
     assert (tmp_path / "smoke-partition.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "entropy" in res.stdout and "total" in res.stdout
+
+
+def test_clients_picture_draws_each_clients_accuracy_and_curves(tmp_path):
+    """A run's clients.png: bar k is client k's final accuracy in per_client.csv, coloured by architecture;
+    one curve per client through every evaluated round (the last point is the bar)."""
+    cfg = config.resolve({**config.read_recipe_file("smoke")[0], "rounds": 3, "eval_every": 1})
+    summary = train(cfg, tmp_path / "run", Hardware())
+    assert (tmp_path / "run" / "clients.png").is_file()
+    rows = read_per_client(tmp_path / "run")
+    archs, accs = [r["arch"] for r in rows], [float(r["accuracy"]) for r in rows]
+    assert summary["rounds"] == 3
+    # the curves a run keeps: every evaluated round's per-client accuracies, the last = per_client.csv
+    setup = build(cfg)
+    run = FederatedRun.local(cfg, setup.clients, setup.architectures, setup.algorithm, MemoryStore(), make_runner())
+    run.initialise()
+    run.run()
+    curves = run.state.client_curves
+    assert [c["round"] for c in curves] == [1, 2, 3] and curves[-1]["accuracies"] == run.state.last_accuracies
+    figure = plot_clients(archs, accs, [*curves[:-1], {"round": 3, "accuracies": accs}], None, "t")
+    heights = [p.get_height() for p in figure.axes[0].patches]
+    assert heights == pytest.approx([100 * a for a in accs])
+    colours = [p.get_facecolor() for p in figure.axes[0].patches]
+    assert (colours[0] == colours[1]) == (archs[0] == archs[1])
+    curves = figure.axes[1].get_lines()
+    assert len(curves) == 4 and [line.get_ydata()[-1] for line in curves] == pytest.approx([100 * a for a in accs])
+
+
+def test_client_comparison_puts_methods_side_by_side():
+    per_method = {"a": [[0.5, 1.0, 0.25], [0.7, 1.0, 0.75]], "b": [[0.1, 0.2, 0.3]]}
+    figure = plot_client_comparison(per_method, None, "t")
+    bars = figure.axes[0].patches
+    assert [round(p.get_height(), 6) for p in bars] == [60.0, 100.0, 50.0, 10.0, 20.0, 30.0]
+    assert bars[0].get_x() < bars[3].get_x() < bars[1].get_x()  # client 0: a then b, before client 1

@@ -34,6 +34,7 @@ from pfl.seeding import derive_seed
 log = logging.getLogger("pfl")
 
 EVAL_BATCH_SIZE = 512
+CLIENT_CURVES_MAX = 20  # runs with at most this many clients keep every evaluated round's per-client accuracy
 DIAGNOSTIC_SAMPLES = 256  # training samples per client on which a method's diagnostics are measured
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
 
@@ -413,11 +414,14 @@ class RunState:
     history: list[dict[str, Any]] = field(default_factory=list)
     last_accuracies: list[float] = field(default_factory=list)
     last_val_accuracies: list[float] = field(default_factory=list)
+    # every evaluated round's per-client test accuracies ({"round", "accuracies"}), for runs of at most
+    # CLIENT_CURVES_MAX clients (clients.png draws one curve per client)
+    client_curves: list[dict[str, Any]] = field(default_factory=list)
 
     def progress(self) -> dict[str, Any]:
         """The JSON part of a checkpoint."""
         return {"history": self.history, "last_accuracies": self.last_accuracies,
-                "last_val_accuracies": self.last_val_accuracies}
+                "last_val_accuracies": self.last_val_accuracies, "client_curves": self.client_curves}
 
 
 class FederatedRun:
@@ -454,7 +458,8 @@ class FederatedRun:
         self.state = RunState(global_state=checkpoint["global_state"], round=checkpoint["round"],
                               history=list(checkpoint["history"]),
                               last_accuracies=list(checkpoint["last_accuracies"]),
-                              last_val_accuracies=list(checkpoint.get("last_val_accuracies", [])))
+                              last_val_accuracies=list(checkpoint.get("last_val_accuracies", [])),
+                              client_curves=list(checkpoint.get("client_curves", [])))
         self.workers.restore(checkpoint["clients"])
         self.callbacks.on_run_start(self)
     # -- rounds -----------------------------------------------------------------------------
@@ -531,6 +536,8 @@ class FederatedRun:
             eval_started = time.perf_counter()
             if self.cfg.eval_test:
                 self.state.last_accuracies = self.evaluate_all("test")
+                if len(self.clients) <= CLIENT_CURVES_MAX:
+                    self.state.client_curves.append({"round": t, "accuracies": list(self.state.last_accuracies)})
             if self.cfg.val_fraction > 0:
                 self.state.last_val_accuracies = self.evaluate_all("val")
             eval_seconds = time.perf_counter() - eval_started
