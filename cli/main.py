@@ -125,6 +125,9 @@ def train(
                                 "cores); set it when several runs share a machine"),
     resident: str = typer.Option("auto", "--resident", help="keep client data and private states on the "
                                  "device for the whole run: auto (on a GPU when they fit), on, off"),
+    logger: list[str] | None = typer.Option(None, "--logger", help="also send the run to an experiment tracker: "
+                                            "tensorboard, mlflow, csv or wandb (repeatable; extras "
+                                            ".[tensorboard], .[mlflow], .[wandb])"),
 ) -> None:
     """Run a recipe and write a run directory (config, metrics.csv, summary.json, plot, final state)."""
     _interrupt_on_sigterm()
@@ -151,7 +154,8 @@ def train(
                       f"C={cfg.participation}, T={cfg.rounds}, {cfg.partition} partition, {cfg.model_setting} "
                       f"models, seed {cfg.seed}, {_engine_text(cfg)} -> {target}")
         with _progress() as progress:
-            summary = run_mod.train(cfg, target, hw, ProgressCallbacks(progress, cfg.rounds), source)
+            summary = run_mod.train(cfg, target, hw, ProgressCallbacks(progress, cfg.rounds), source,
+                                    trackers=tuple(logger or ()))
     except PflUserError as exc:
         _fail(str(exc))
     except RunFailed as exc:
@@ -409,6 +413,9 @@ def compare(
     precision: str = typer.Option("32-true", "--precision"),
     accelerator: str = typer.Option("cpu", "--accelerator"),
     devices: str = typer.Option("1", "--devices"),
+    logger: list[str] | None = typer.Option(None, "--logger", help="also send the run to an experiment tracker: "
+                                            "tensorboard, mlflow, csv or wandb (repeatable; extras "
+                                            ".[tensorboard], .[mlflow], .[wandb])"),
 ) -> None:
     """Run several methods on the same recipe, partitions and seeds; print and write a table and plots."""
     _interrupt_on_sigterm()
@@ -430,14 +437,17 @@ def compare(
         if tune_rounds is not None and (tune_rounds < 1 or not tune_trials):
             raise PflUserError(f"--tune-rounds: must be an integer >= 1 and goes with --tune-trials, got {tune_rounds}")
         if from_:
-            if methods or set_ or seed is not None or seeds != 1 or tune_trials:
-                raise PflUserError("--from: --methods, --set, --seed, --seeds and --tune-trials apply only with "
-                                   "--recipe")
+            if methods or set_ or seed is not None or seeds != 1 or tune_trials or logger:
+                raise PflUserError("--from: --methods, --set, --seed, --seeds, --tune-trials and --logger apply only "
+                                   "with --recipe")
             records = cmp.collect_runs(from_)
             if out is None:
                 out = from_[0] if len(from_) == 1 and (from_[0] / "runs").is_dir() else \
                     Path("runs") / f"compare-{datetime.now():%Y%m%d-%H%M%S}"
         else:
+            from pfl.trackers import check_trackers
+
+            trackers = check_trackers(tuple(logger or ()))
             names = cmp.method_names(methods)
             if not names:
                 raise PflUserError("--methods: give at least one method, e.g. --methods pfedlora,standalone")
@@ -474,7 +484,7 @@ def compare(
             with _progress() as progress:
                 display = RunsProgress(progress, len(runs))
                 records, failures = cmp.run_comparison(out, runs, hw, resources, display.on_event,
-                                                       display.on_outcome, tuned)
+                                                       display.on_outcome, tuned, trackers)
             if not records:
                 raise RunFailed("every run failed: " + "; ".join(f"{m} seed {s}: {why}" for m, s, why in failures))
         rows = cmp.summarise(records, failures)

@@ -470,12 +470,13 @@ def plot_comparison(records: list[RunRecord], by_round: Path, by_bytes: Path, su
 # ------------------------------------------------------------------ running
 
 def specs_for(out: Path, runs: list[tuple[str, int, Config, str]],
-              tuned: dict[str, dict[str, Any]] | None = None) -> list[RunSpec]:
+              tuned: dict[str, dict[str, Any]] | None = None, trackers: tuple[str, ...] = ()) -> list[RunSpec]:
     """The run specs of a comparison: one run directory per (method, seed) under out/runs/. `tuned`: per
-    method, what its recipe was tuned to (recorded in the runs' summary.json)."""
+    method, what its recipe was tuned to (recorded in the runs' summary.json); `trackers`: where every run
+    is also sent (pfl.trackers)."""
     out = out.expanduser().absolute()
     return [RunSpec(f"{m} seed {s}", cfg.as_flat(), source, run_dir_for(out, m, s),
-                    extra_summary={"tuned": tuned[m]} if tuned and m in tuned else None)
+                    extra_summary={"tuned": tuned[m]} if tuned and m in tuned else None, trackers=trackers)
             for m, s, cfg, source in runs]
 
 
@@ -490,13 +491,13 @@ def check_reuse(out: Path, runs: list[tuple[str, int, Config, str]]) -> None:
 def run_comparison(out: Path, runs: list[tuple[str, int, Config, str]], hw, resources,
                    on_event: Callable[[dict], None] | None = None,
                    on_outcome: Callable[[RunOutcome], None] | None = None,
-                   tuned: dict[str, dict[str, Any]] | None = None
+                   tuned: dict[str, dict[str, Any]] | None = None, trackers: tuple[str, ...] = ()
                    ) -> tuple[list[RunRecord], list[tuple[str, int, str]]]:
     """Every (method, seed) run under out/runs/: finished ones reused, interrupted ones resumed, the rest
     trained (`resources.jobs` at once). Returns the finished runs and the failed ones (method, seed, why)."""
     out = out.expanduser().absolute()
     check_reuse(out, runs)
-    outcomes = run_all(specs_for(out, runs, tuned), hw, resources, on_event, on_outcome)
+    outcomes = run_all(specs_for(out, runs, tuned, trackers), hw, resources, on_event, on_outcome)
     records, failures = [], []
     for (method, seed, _, _), outcome in zip(runs, outcomes):
         if outcome.ok:

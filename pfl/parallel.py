@@ -48,6 +48,7 @@ class RunSpec:
     run_dir: Path
     extra_callbacks: Callable[[], Callbacks] | None = None
     extra_summary: dict[str, Any] | None = None
+    trackers: tuple[str, ...] = ()  # experiment trackers the run is sent to (pfl.trackers)
 
     @property
     def cfg(self) -> Config:
@@ -156,7 +157,8 @@ def execute_run(spec: RunSpec, hw: Hardware, threads: int | None, emit: Callable
             check_same_config(staging, cfg)
             _, summary, resumed = resume(d, lambda _cfg, _start: callbacks, extra_summary=spec.extra_summary)
             return RunOutcome(spec.label, d, "resumed", f"from round {resumed or 0}", resumed or 0, summary)
-        summary = train(cfg, d, hw, callbacks, spec.source, extra_summary=spec.extra_summary)
+        summary = train(cfg, d, hw, callbacks, spec.source, extra_summary=spec.extra_summary,
+                        trackers=spec.trackers)
         return RunOutcome(spec.label, d, "trained", summary=summary)
     except RunStopped as exc:
         _remove_staging(d)

@@ -28,21 +28,24 @@ from pfl.federation.engine import LocalWorkers
 from pfl.pictures import write_partition_picture
 from pfl.report import MetricsFlusher, write_report
 from pfl.schema import Config
+from pfl.trackers import Trackers, check_trackers
 
 __all__ = ["Hardware", "build", "check_engine", "check_hardware", "evaluate_run", "resume", "train"]
 
 
 def train(cfg: Config, out: Path, hw: Hardware, callbacks: Callbacks | None = None,
           recipe_source: str = "", grid=None, expected_nodes: int = 0, client_mods: list | None = None,
-          extra_summary: dict[str, Any] | None = None) -> dict[str, Any]:
+          extra_summary: dict[str, Any] | None = None, trackers: tuple[str, ...] = ()) -> dict[str, Any]:
     """Run the recipe and write the run directory `out`. Returns the summary.
 
     `cfg.engine` picks the engine: `local` runs every client in this process; `flower` runs them through
     Flower, in a simulation (Ray) started here, or, when `grid` is given (a deployed ServerApp), on the
     SuperNodes connected to that grid (`expected_nodes` of them). `client_mods`: Flower client mods
     (middleware around pfl's ClientApp, e.g. privacy or fault injection) for a simulation.
-    `extra_summary` is added to summary.json as it is."""
+    `extra_summary` is added to summary.json as it is. `trackers`: experiment trackers to send the run to
+    (pfl.trackers)."""
     out = out.expanduser().absolute()
+    trackers = check_trackers(trackers)
     staging = rundir.prepare_output(out)
     check_engine(cfg, hw, simulated=grid is None)
     if hw.resident == "on" and (cfg.engine != "local" or cfg.store == "disk"):
@@ -52,22 +55,26 @@ def train(cfg: Config, out: Path, hw: Hardware, callbacks: Callbacks | None = No
     setup = build(cfg)  # data problems surface here, before anything is written
     rundir.start_staging(staging, cfg, hw, recipe_source)
     return _execute(setup, out, staging, hw, runner, callbacks, recipe_source, grid, expected_nodes, client_mods,
-                    extra_summary=extra_summary)
+                    extra_summary=extra_summary, trackers=trackers)
 
 
 def _execute(setup: Setup, out: Path, staging: Path, hw: Hardware, runner, callbacks, recipe_source: str,
              grid=None, expected_nodes: int = 0, client_mods=None, resume_from: dict | None = None,
-             extra_summary: dict[str, Any] | None = None):
+             extra_summary: dict[str, Any] | None = None, trackers: tuple[str, ...] = ()):
     """Rounds into `staging`, then the run directory renamed to `out`. On failure the staging directory
     is deleted, unless it holds a checkpoint (then `pfl train --resume` continues from it)."""
     cfg = setup.cfg
     state_dir = staging / "state" / "clients"
+    tracking = None
     all_callbacks = CallbackList(MetricsFlusher(staging), rundir.Checkpointer(staging), callbacks)
 
     def make_run(workers) -> FederatedRun:
         return FederatedRun(cfg, setup.clients, setup.algorithm, workers, all_callbacks)
 
     try:
+        if trackers:
+            tracking = Trackers(trackers, staging, cfg)
+            all_callbacks.callbacks.append(tracking)
         write_partition_picture(staging / "partition.png", cfg, setup.clients, setup.architectures)
         started = time.perf_counter()
         if cfg.engine == "flower":
@@ -98,8 +105,12 @@ def _execute(setup: Setup, out: Path, staging: Path, hw: Hardware, runner, callb
         wall = time.perf_counter() - started
         summary = write_report(staging, setup, run, wall, hw, recipe_source,
                                resumed_from=resume_from["round"] if resume_from else None, extra=extra_summary)
+        if tracking is not None:
+            tracking.finish(staging)
         rundir.finish(staging, out)
     except BaseException:
+        if tracking is not None:
+            tracking.finish(staging, "failed")
         rundir.discard_unless_resumable(staging)
         raise
     return summary
