@@ -122,7 +122,10 @@ def save(root: Path, round_idx: int, global_state: dict[str, torch.Tensor], clie
     shutil.rmtree(target, ignore_errors=True)  # a leftover of a crash right after this rename, before the pointer
     os.replace(tmp, target)
     _fsync(root)
-    _write_json_atomically(root / POINTER, {"latest": name, "round": round_idx, "sha256": digests})
+    clients = sorted(int(rel[len("clients/client_"):-len(".safetensors")]) for rel in digests
+                     if rel.startswith("clients/"))
+    _write_json_atomically(root / POINTER, {"latest": name, "round": round_idx, "sha256": digests,
+                                            "clients": clients})
     for old in root.glob("checkpoint-*"):
         if old.name != name:
             shutil.rmtree(old, ignore_errors=True)
@@ -144,15 +147,17 @@ def load(root: Path, num_clients: int) -> dict[str, Any]:
     try:
         pointer = json.loads(pointer_path.read_text(encoding="utf-8"))
         name, digests = str(pointer["latest"]), dict(pointer["sha256"])
+        # the clients whose state the checkpoint holds: all of them, except in a Flower simulation, whose
+        # clients initialise on first contact
+        client_ids = [int(k) for k in pointer.get("clients", range(num_clients))]
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
         raise RunDirError(f"checkpoint pointer '{pointer_path}' is missing or corrupted ({type(exc).__name__})") \
             from None
     if "/" in name or not name.startswith("checkpoint-"):
         raise RunDirError(f"checkpoint pointer '{pointer_path}' names an invalid checkpoint {name!r}")
     directory = root / name
-    expected = {"global.safetensors", "progress.json"} | {f"clients/{client_file(k)}"
-                                                          for k in range(num_clients)}
-    if set(digests) != expected:
+    expected = {"global.safetensors", "progress.json"} | {f"clients/{client_file(k)}" for k in client_ids}
+    if set(digests) != expected or not set(client_ids) <= set(range(num_clients)):
         raise RunDirError(f"checkpoint '{directory}' does not list the files of a {num_clients}-client run")
     for rel, digest in digests.items():
         path = directory / rel
@@ -180,5 +185,5 @@ def load(root: Path, num_clients: int) -> dict[str, Any]:
                           f"({type(exc).__name__})") from None
     global_state = tensors("global.safetensors")
     global_state.pop("_empty", None)
-    clients = {k: tensors(f"clients/{client_file(k)}") for k in range(num_clients)}
+    clients = {k: tensors(f"clients/{client_file(k)}") for k in client_ids}
     return {**progress, "global_state": global_state, "clients": clients}

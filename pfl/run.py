@@ -79,12 +79,12 @@ def _execute(setup: Setup, out: Path, staging: Path, hw: Hardware, runner, callb
         started = time.perf_counter()
         if cfg.engine == "flower":
             # Clients keep their private state on their node's disk; on one machine that is the run directory.
-            state_dir.mkdir(parents=True)
+            state_dir.mkdir(parents=True, exist_ok=True)  # exists when a simulation resumes
             if grid is None:
                 from pfl.flower.app import simulate
 
                 run = simulate(make_run, cfg, setup.clients, str(state_dir), client_accelerator(cfg),
-                               hw.precision, client_mods)
+                               hw.precision, client_mods, resume_from=resume_from)
             else:
                 from pfl.flower.app import FlowerWorkers
 
@@ -133,13 +133,17 @@ def resume(out: Path, make_callbacks: Callable[[Config, int], Callbacks] | None 
     if pid is not None:
         raise RunDirError(f"--resume: the run of '{out}' is still running (pid {pid}); stop it first")
     cfg, hw, recipe_source = rundir.read_staging(staging)
+    has_checkpoint = (staging / checkpoint.POINTER).exists()
+    if cfg.engine == "flower" and not has_checkpoint:
+        raise RunDirError("--resume: this Flower run has no checkpoint to continue from (a simulation writes one "
+                          "every checkpoint_every rounds; a deployment's client states live on its SuperNodes); "
+                          "rerun it")
     if cfg.engine == "flower":
-        raise RunDirError("--resume: runs on the flower engine cannot be resumed yet (their client states live "
-                          "on the SuperNodes); rerun them")
+        check_engine(cfg, hw, simulated=True)
     runner = check_hardware(hw, cfg.grad_clip)
     setup = build(cfg)
     # a pointer that exists but cannot be read is an error to report, not a reason to start over
-    state = checkpoint.load(staging, cfg.num_clients) if (staging / checkpoint.POINTER).exists() else None
+    state = checkpoint.load(staging, cfg.num_clients) if has_checkpoint else None
     staging = rundir.claim(staging, out)
     round_idx = state["round"] if state else None
     callbacks = make_callbacks(cfg, round_idx or 0) if make_callbacks else None

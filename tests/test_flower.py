@@ -2,8 +2,10 @@
 separate SuperLink/SuperNode/ClientApp processes started by `pfl deploy`. Faults are injected with Flower
 client mods (middleware around pfl's ClientApp), so the code under test is the production ClientApp."""
 
+import contextlib
 import csv
 import functools
+import json
 import math
 import os
 import signal
@@ -295,3 +297,52 @@ def test_deployment_survives_a_killed_supernode_and_equals_the_local_engine(tmp_
     for k in (0, 2):
         deployed_state = load_file(str(out / "state" / "clients" / f"client_{k:05d}.safetensors"))
         assert all(torch.equal(deployed_state[n], local.workers.store.get(k)[n]) for n in deployed_state)
+
+
+# ---------------------------------------------------------------- resuming a simulation
+
+@pytest.mark.slow
+def test_simulation_killed_after_a_checkpoint_resumes_to_the_uninterrupted_result(tmp_path):
+    """`pfl train --engine flower` (Ray simulation; 4 clients, half sampled per round, so a checkpoint lacks
+    the clients never contacted yet and links the others' files) is SIGKILLed after its round-2 checkpoint;
+    `pfl train --resume` continues it. Metrics (timing aside), per-client accuracies and every final state
+    equal an uninterrupted run (on the local engine, which computes exactly what the simulation computes with
+    one thread everywhere: test_simulation_equals_local_run_bit_for_bit); Ray's processes of the killed run
+    are gone (the fixture checks)."""
+    from tests.test_resume import checkpoint_round, rows, same_state, staging_of, start
+
+    settings = ["--recipe", "smoke", "--engine", "flower", "--threads", "1", "--set", "rounds=4",
+                "--set", "checkpoint_every=1", "--set", "participation=0.5", "--set", "eval_every=2"]
+    reference = tmp_path / "reference"
+    done = subprocess.run([sys.executable, "-m", "cli.main", "train", *settings, "--engine", "local", "--out",
+                           str(reference)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    out = tmp_path / "killed"
+    proc = start("train", *settings, "--out", str(out))
+    deadline = time.monotonic() + 300
+    while checkpoint_round(out) < 2 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    # the machine dies: the run and its local Ray cluster (which would otherwise linger ~1 min) at once
+    tree = descendants(proc.pid)
+    proc.send_signal(signal.SIGKILL)
+    for pid in tree:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.wait()
+    resumed_from = checkpoint_round(out)
+    assert 2 <= resumed_from < 4 and not out.exists()
+    pointer = json.loads((staging_of(out) / "checkpoint.json").read_text())
+
+    resumed = subprocess.run([sys.executable, "-m", "cli.main", "train", "--resume", str(out), "--threads", "1"],
+                             cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["resumed_from_round"] == resumed_from and summary["engine"]["name"] == "flower"
+    assert rows(out / "metrics.csv") == rows(reference / "metrics.csv")
+    assert read_rows(out / "per_client.csv") == read_rows(reference / "per_client.csv")
+    assert same_state(out, reference)
+    assert staging_of(out) is None
+    assert pointer["clients"] == sorted(pointer["clients"]) and len(pointer["clients"]) >= 2
+

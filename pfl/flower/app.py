@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -29,6 +30,7 @@ from flwr.serverapp import Grid, ServerApp
 from pfl.algorithms.base import Tensors, Upload
 from pfl.errors import RunFailed
 from pfl.federation.engine import ClientResult, ClientWorker, NotSent, Outcome
+from pfl.federation.store import DiskStore
 from pfl.schema import Config
 
 log = logging.getLogger("pfl")
@@ -70,7 +72,10 @@ def _worker_for(run: ConfigRecord, context: Context) -> tuple[ClientWorker, int]
     from pfl.build import build
     from pfl.federation import DiskStore, make_runner
 
-    state_dir = str(context.node_config.get("state-dir", "") or run["state_dir"])
+    # a node's own state-dir is shared by every run it serves: each run keeps its clients under its run id,
+    # so a new `flwr run` never picks up the states an earlier run left there
+    node_dir = str(context.node_config.get("state-dir", ""))
+    state_dir = str(Path(node_dir) / f"run-{context.run_id}") if node_dir else str(run["state_dir"])
     # A warm ClientApp process (pfl/flower/warm.py) serves many messages: the cache lives as long as the run
     # and the node; a new `flwr run` (run id) rebuilds it even for the same recipe.
     key = (context.run_id, context.node_id, run["config"], state_dir, run["accelerator"], run["precision"])
@@ -144,9 +149,12 @@ class FlowerWorkers:
     round loop drops it (and rejects updates that are non-finite or mis-shaped)."""
 
     def __init__(self, grid: Grid, cfg: Config, clients, state_dir: str, accelerator: str = "cpu",
-                 precision: str = "32-true", expected_nodes: int = 0):
+                 precision: str = "32-true", expected_nodes: int = 0, shared_states: bool = False):
         self.grid, self.cfg, self.clients = grid, cfg, clients
         self.state_dir, self.accelerator, self.precision = state_dir, accelerator, precision
+        # a simulation's nodes keep client states in this machine's `state_dir`, which the server can read
+        # (checkpoints) and write (resume); a deployment's nodes keep them on their own disks
+        self.shared_states = shared_states
         self.expected_nodes = expected_nodes or cfg["flower.num_supernodes"] or cfg.num_clients
         self.timeout = cfg["flower.round_timeout"]
         self.partitions = 0
@@ -160,6 +168,9 @@ class FlowerWorkers:
     def start(self, initial_global: Tensors) -> None:
         """Wait for the SuperNodes, learn which partition each serves. Clients initialise on first contact
         from the same seeds the local engine uses, so `initial_global` need not travel."""
+        self._discover_nodes()
+
+    def _discover_nodes(self) -> None:
         deadline = time.monotonic() + NODE_WAIT_SECONDS
         nodes = list(self.grid.get_node_ids())
         while len(nodes) < self.expected_nodes:
@@ -274,12 +285,29 @@ class FlowerWorkers:
             return f"it reports {num_samples} training samples, its partition has {self.clients[k].num_train}"
         return ClientResult(Upload(k, num_samples, tensors), losses, diagnostics, flops)
 
-    def client_states(self, ids=None) -> None:
-        """Client states live on the SuperNodes' disks; they are not handed to the server."""
-        return None
+    def client_states(self, ids=None):
+        """In a simulation, the states of the clients among `ids` (default all) that exist yet (a client is
+        initialised on first contact), read from the nodes' state directory; None in a deployment, whose
+        client states live on the SuperNodes' disks."""
+        if not self.shared_states:
+            return None
+        store = DiskStore(Path(self.state_dir))
+        ids = range(self.cfg.num_clients) if ids is None else ids
+        return ((k, store.get(k)) for k in ids if k in store)
 
     def restore(self, states: dict[int, Tensors]) -> None:
-        raise NotImplementedError("a Flower run cannot be restored from a checkpoint yet")
+        """A simulation continued from a checkpoint: the nodes' state directory holds exactly the checkpoint's
+        client states (files a crashed run wrote later are removed; clients the checkpoint does not hold
+        initialise on first contact, as they would have), then the nodes are discovered as at the start."""
+        if not self.shared_states:
+            raise RunFailed("a deployed Flower run cannot be restored: its client states live on the SuperNodes")
+        directory = Path(self.state_dir)
+        for path in directory.glob("client_*.safetensors"):
+            path.unlink()
+        store = DiskStore(directory)
+        for k, state in states.items():
+            store.put(k, state)
+        self._discover_nodes()
 
     def evaluate(self, downloads: dict[int, Tensors], split: str = "test") -> dict[int, float]:
         order, messages, offline = self._messages("evaluate", -1, downloads, split)  # -1: not a training round
@@ -321,10 +349,11 @@ def quiet_flower() -> None:
 
 
 def simulate(make_run, cfg: Config, clients, state_dir: str, accelerator: str, precision: str,
-             client_mods: list | None = None, verbose: bool = False):
+             client_mods: list | None = None, verbose: bool = False, resume_from: dict | None = None):
     """Run the rounds through Flower's simulation runtime (Ray): the ServerApp runs the round loop, built by
     `make_run(workers)` around this simulation's `FlowerWorkers`, in a thread of this process; ClientApps
-    run in Ray actors with the recipe's resources. Returns the finished FederatedRun."""
+    run in Ray actors with the recipe's resources. `resume_from`: a checkpoint (pfl.checkpoint.load) to
+    continue from. Returns the finished FederatedRun."""
     quiet_flower()
     from flwr.simulation import run_simulation
 
@@ -334,9 +363,13 @@ def simulate(make_run, cfg: Config, clients, state_dir: str, accelerator: str, p
 
     @app.main()
     def _main(grid: Grid, context: Context) -> None:
-        run = make_run(FlowerWorkers(grid, cfg, clients, state_dir, accelerator, precision, num_nodes))
+        run = make_run(FlowerWorkers(grid, cfg, clients, state_dir, accelerator, precision, num_nodes,
+                                     shared_states=True))
         runs.append(run)
-        run.initialise()
+        if resume_from is None:
+            run.initialise()
+        else:
+            run.restore(resume_from)
         run.run()
 
     backend_config = {"client_resources": {"num_cpus": cfg["flower.client_cpus"],
