@@ -539,6 +539,8 @@ def tune(
     precision: str = typer.Option("32-true", "--precision"),
     accelerator: str = typer.Option("cpu", "--accelerator"),
     devices: str = typer.Option("1", "--devices"),
+    logger: list[str] | None = typer.Option(None, "--logger", help="also send every trial run to an experiment "
+                                            "tracker: tensorboard, mlflow, csv or wandb (repeatable)"),
 ) -> None:
     """Tune a method's hyperparameters on validation data (Optuna: TPE sampler, median pruner); the test
     split is never read. Writes best.toml (a complete recipe), trials.csv and two plots."""
@@ -552,8 +554,13 @@ def tune(
         resources = _resources(jobs, cpus_per_run, gpus_per_run, ray_address, hw)
         base_name = Path(recipe).stem
         target = out or Path("runs") / f"tune-{base_name}-{method}"
+        import dataclasses
+
+        from pfl.trackers import check_trackers
+
         plan = tune_mod.plan_tune(recipe, set_ or [], method, space, trials, seeds, seed, rounds, val_fraction,
                                   target)
+        plan = dataclasses.replace(plan, trackers=check_trackers(tuple(logger or ())))
         console.print(f"[bold]pfl tune[/] {method}: {trials} trials x {seeds} seed(s) x {plan.rounds} rounds, "
                       f"{resources.jobs} run(s) at once; space: "
                       + ", ".join(f"{k}={d.spec()}" for k, d in plan.space.items())

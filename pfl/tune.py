@@ -179,6 +179,7 @@ class StudyPlan:
     space: dict[str, Dimension]
     trials: int
     seeds: int
+    trackers: tuple[str, ...] = ()  # every trial run is also sent there (pfl.trackers)
 
     @property
     def rounds(self) -> int:
@@ -314,7 +315,7 @@ def _specs(plan: StudyPlan, trial_id: int, number: int, values: dict[str, Any]) 
         specs.append(RunSpec(f"{plan.method} trial {number}" + (f" seed {plan.seed + i}" if plan.seeds > 1 else ""),
                              flat, plan.source, trial_dir(plan, number, i),
                              extra_callbacks=functools.partial(_make_pruner_callback, str(plan.out), trial_id, i,
-                                                               plan.rounds)))
+                                                               plan.rounds), trackers=plan.trackers))
     return specs
 
 
