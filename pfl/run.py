@@ -14,6 +14,7 @@ Run directory layout (written to a hidden sibling and renamed into place only wh
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -110,7 +111,8 @@ def _execute(setup: Setup, out: Path, staging: Path, hw: Hardware, runner, callb
         rundir.finish(staging, out)
     except BaseException:
         if tracking is not None:
-            tracking.finish(staging, "failed")
+            with contextlib.suppress(Exception):  # a tracker's own error must not hide why the run failed
+                tracking.finish(staging, "failed")
         rundir.discard_unless_resumable(staging)
         raise
     return summary
