@@ -31,6 +31,10 @@ def _interrupt_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+LOGGER_HELP = ("also send runs to an experiment tracker: tensorboard, mlflow, csv or wandb (repeatable; extras "
+               "'.\\[tensorboard]', '.\\[mlflow]', '.\\[wandb]')")  # "\\[" is not rich markup
+
+
 def _fail(message: str) -> None:
     """One line on stderr naming the problem, exit code 2."""
     err_console.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
@@ -125,9 +129,7 @@ def train(
                                 "cores); set it when several runs share a machine"),
     resident: str = typer.Option("auto", "--resident", help="keep client data and private states on the "
                                  "device for the whole run: auto (on a GPU when they fit), on, off"),
-    logger: list[str] | None = typer.Option(None, "--logger", help="also send the run to an experiment tracker: "
-                                            "tensorboard, mlflow, csv or wandb (repeatable; extras "
-                                            ".[tensorboard], .[mlflow], .[wandb])"),
+    logger: list[str] | None = typer.Option(None, "--logger", help=LOGGER_HELP),
 ) -> None:
     """Run a recipe and write a run directory (config, metrics.csv, summary.json, plot, final state)."""
     _interrupt_on_sigterm()
@@ -413,9 +415,7 @@ def compare(
     precision: str = typer.Option("32-true", "--precision"),
     accelerator: str = typer.Option("cpu", "--accelerator"),
     devices: str = typer.Option("1", "--devices"),
-    logger: list[str] | None = typer.Option(None, "--logger", help="also send the run to an experiment tracker: "
-                                            "tensorboard, mlflow, csv or wandb (repeatable; extras "
-                                            ".[tensorboard], .[mlflow], .[wandb])"),
+    logger: list[str] | None = typer.Option(None, "--logger", help=LOGGER_HELP),
 ) -> None:
     """Run several methods on the same recipe, partitions and seeds; print and write a table and plots."""
     _interrupt_on_sigterm()
@@ -539,8 +539,7 @@ def tune(
     precision: str = typer.Option("32-true", "--precision"),
     accelerator: str = typer.Option("cpu", "--accelerator"),
     devices: str = typer.Option("1", "--devices"),
-    logger: list[str] | None = typer.Option(None, "--logger", help="also send every trial run to an experiment "
-                                            "tracker: tensorboard, mlflow, csv or wandb (repeatable)"),
+    logger: list[str] | None = typer.Option(None, "--logger", help=LOGGER_HELP + "; every trial run"),
 ) -> None:
     """Tune a method's hyperparameters on validation data (Optuna: TPE sampler, median pruner); the test
     split is never read. Writes best.toml (a complete recipe), trials.csv and two plots."""

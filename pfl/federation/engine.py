@@ -43,11 +43,7 @@ def quiet_lightning() -> None:
     """Client fits are many and short: Lightning's per-fit banners and hints would drown the run's output."""
     for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
-    warnings.filterwarnings("ignore", message=".*but have no `val_dataloader`.*")
     warnings.filterwarnings("ignore", message=".*AMP with fp16 is not supported on CPU.*")
-    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode at the start of training.*")
     warnings.filterwarnings("ignore", message=".*`isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
 
 
