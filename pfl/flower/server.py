@@ -23,17 +23,27 @@ server_app = ServerApp()
 
 @server_app.main()
 def _deployment_main(grid: Grid, context: Context) -> None:
-    """`flwr run` entry point: the run config names the resolved recipe file and the output directory;
+    """`flwr run` entry point: the run config holds the resolved recipe (`recipe`: its TOML text, or
+    `config`: a file on this machine) and names the output directory on this machine, and
+    says how the deployment was secured (`tls`, `node-auth`: recorded in summary.json's `deployment`);
     everything else is pfl's usual run."""
     run_config: dict[str, Any] = dict(context.run_config)
-    raw, source = config_mod.read_recipe_file(str(run_config["config"]))
-    cfg = config_mod.resolve(raw, {"engine": "flower"})
+    supernodes = int(run_config.get("num-supernodes", 0))
+    deployment = {"tls": bool(run_config.get("tls", False)), "node_auth": bool(run_config.get("node-auth", False)),
+                  "supernodes": supernodes}
+    if run_config.get("recipe"):  # `pfl submit`: the resolved recipe itself, from the submitting machine
+        cfg = config_mod.resolve(config_mod.from_toml(str(run_config["recipe"])).as_flat(), {"engine": "flower"})
+        source = "submitted with the run (pfl submit)"
+    else:  # `pfl deploy`: a recipe file on this machine
+        raw, source = config_mod.read_recipe_file(str(run_config["config"]))
+        cfg = config_mod.resolve(raw, {"engine": "flower"})
     hw = Hardware(accelerator=str(run_config.get("accelerator", "cpu")),
                   precision=str(run_config.get("precision", "32-true")))
     summary = train(cfg, Path(str(run_config["out"])), hw, recipe_source=source, grid=grid,
-                    expected_nodes=int(run_config.get("num-supernodes", 0)), callbacks=LogRounds())
-    log.warning("pfl: run finished: final mean accuracy %.4f, written to %s", summary["final"]["acc_mean"],
-                run_config["out"])
+                    expected_nodes=supernodes, callbacks=LogRounds(), extra_summary={"deployment": deployment})
+    log.warning("pfl: run finished: final mean accuracy %.4f, written to %s (TLS %s, SuperNode authentication "
+                "%s)", summary["final"]["acc_mean"], run_config["out"], "on" if deployment["tls"] else "off",
+                "on" if deployment["node_auth"] else "off")
 
 
 class LogRounds(Callbacks):

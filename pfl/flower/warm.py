@@ -9,6 +9,11 @@ that server's client: it loops on Flower's own runtime calls (AcquireTask, then 
 `pfl.flower.app` (data, partition, modules, runner) lives from the first message to the last.
 
     python -m pfl.flower.warm --runtime-api-address 127.0.0.1:PORT [--parent-pid SUPERNODE_PID]
+                              [--superexec-auth-secret-file SECRET]
+
+A SuperNode started with `--superexec-auth-secret-file SECRET` (pfl's deployments do unless `--insecure`)
+hands a task only to a process that signs its AcquireTask calls with that secret (Flower's SuperExec HMAC
+headers); every later call of a task carries the task's token, which only the acquirer knows.
 
 It uses `flwr.supernode.runtime.run_clientapp`'s helpers (pull_task_input, push_message, push_task_output),
 which are Flower internals: pfl pins flwr < 1.43 and the deployment test runs this path end to end.
@@ -77,16 +82,21 @@ def serve_one(address: str, token: str, load_app) -> str:
     return status
 
 
-def serve(address: str) -> None:
-    """Serve the SuperNode at `address` until this process is stopped."""
+def serve(address: str, secret: bytes | None = None) -> None:
+    """Serve the SuperNode at `address` until this process is stopped; `secret`: the SuperNode's SuperExec
+    secret (its `--superexec-auth-secret-file`), which signs AcquireTask."""
     from flwr.clientapp.utils import get_load_client_app_fn
     from flwr.proto.runtime_pb2 import AcquireTaskRequest
     from flwr.supercore.constant import TaskType
-    from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
+    from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor, SuperExecAuthHttpInterceptor
 
     # Loaded apps are cached by Python's module cache: `pfl.flower.app` is imported once per process.
     load_app = get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)
-    executor = _client(address, [RuntimeVersionHttpInterceptor(component_name="SuperExec")])
+    interceptors = [RuntimeVersionHttpInterceptor(component_name="SuperExec")]
+    if secret:
+        interceptors.append(SuperExecAuthHttpInterceptor(master_secret=secret,
+                                                         protected_methods={"/flwr.proto.Runtime/AcquireTask"}))
+    executor = _client(address, interceptors)
     while True:
         task = executor.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
         if not (task.HasField("task") and task.token):
@@ -99,14 +109,21 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runtime-api-address", required=True, help="host:port of the SuperNode's runtime API")
     parser.add_argument("--parent-pid", type=int, default=0, help="exit when this process (the SuperNode) ends")
+    parser.add_argument("--superexec-auth-secret-file", default=None,
+                        help="the SuperNode's SuperExec secret file (read as raw bytes)")
     args = parser.parse_args(argv)
+    secret = None
+    if args.superexec_auth_secret_file:
+        from flwr.supercore.auth import load_superexec_auth_secret
+
+        secret = load_superexec_auth_secret(args.superexec_auth_secret_file)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.parent_pid:
         from flwr.supercore.app_utils import start_parent_process_monitor
 
         start_parent_process_monitor(args.parent_pid)
     with contextlib.suppress(KeyboardInterrupt):  # the parent monitor's SIGINT, or a stop
-        serve(args.runtime_api_address)
+        serve(args.runtime_api_address, secret)
 
 
 if __name__ == "__main__":
