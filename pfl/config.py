@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from pfl.algorithms import ALGORITHMS
+from pfl.algorithms.aggregation import RULES
 from pfl.errors import ConfigError
 from pfl.models import MODEL_REGISTRY, ZOOS
 from pfl.schema import Config, Field
@@ -39,11 +40,21 @@ def _image_shape(value: list[int]) -> str | None:
     return None
 
 
+def _plain_file_name(value: str) -> str | None:
+    """`name` becomes part of file names (`runs/<name>-...`, `<name>-partition.png`): one plain name only."""
+    if (not value.strip() or value.startswith(".") or any(c in value for c in "/\\")
+            or any(ord(c) < 32 for c in value) or len(value) > 100):
+        return (f"got {value!r}: it must be a plain file name (not empty, no '/' or '\\', no leading '.', no "
+                "control characters, at most 100 characters)")
+    return None
+
+
 DATASETS = ("cifar10", "cifar100", "fmnist", "synthetic")
 
 # The top-level schema. Method-specific tables come from each algorithm's SETTINGS.
 SCHEMA: dict[str, Field] = {
-    "name": Field("str", "custom", "short name of the recipe"),
+    "name": Field("str", "custom", "short name of the recipe (a plain file name: runs are named after it)",
+                  check=_plain_file_name),
     "description": Field("str", "", "one line shown by `pfl recipes`"),
     "dataset": Field("str", "synthetic", "data set", choices=DATASETS),
     "data_dir": Field("str", "", "where the data set lives; empty: the data set's default place"),
@@ -66,7 +77,7 @@ SCHEMA: dict[str, Field] = {
                            low_open=True),
     "rounds": Field("int", 500, "T, communication rounds", low=1),
     "local_epochs": Field("int", 1, "E, local epochs per round", low=1),
-    "batch_size": Field("int", 64, "mini-batch size", low=1),
+    "batch_size": Field("int", 64, "mini-batch size", low=1, high=65536),
     "lr": Field("float", 0.01, "SGD learning rate", low=0.0, low_open=True),
     "momentum": Field("float", 0.9, "SGD momentum", low=0.0, high=0.999),
     "weight_decay": Field("float", 1e-3, "SGD weight decay", low=0.0),
@@ -76,7 +87,8 @@ SCHEMA: dict[str, Field] = {
     "model_zoo": Field("list[str]", ZOOS["paper-cnn"], "architectures, in order, or a zoo's name (paper-cnn: the "
                        "paper's five CNNs; htfe8: a CNN, GoogLeNet, MobileNetV2, ResNet-18/34/50/101/152; "
                        "mixed-small: CNN-1, ResNet-18, MobileNetV3-small, ShuffleNetV2, a small ViT)", named=ZOOS),
-    "representation_dim": Field("int", 500, "d, size of the representation shared by the zoo", low=1),
+    "representation_dim": Field("int", 500, "d, size of the representation shared by the zoo", low=1,
+                                high=65536),
     "augment": Field("bool", False, "random crop (pad 4) and horizontal flip while training"),
     "eval_every": Field("int", 1, "evaluate every client every this many rounds (and after the last)",
                         low=1),
@@ -97,6 +109,14 @@ SCHEMA: dict[str, Field] = {
     "checkpoint_every": Field("int", 10, "write the complete run state every this many rounds, so that "
                               "`pfl train --resume` can continue after a crash (0: never)", low=0),
     "min_clients": Field("int", 1, "fewest usable client updates a round needs; below it the run stops", low=1),
+    "aggregation": Field("str", "mean", "the server's mean: each method's own (sample- or count-weighted) mean, or "
+                         "the coordinate-wise median or trimmed mean over the uploads (unweighted; per class for "
+                         "class tables; docs/algorithms.md)", choices=RULES),
+    "aggregation_trim": Field("float", 0.1, "aggregation = \"trimmed_mean\": the share of values dropped from each "
+                              "end of every coordinate, k = floor(trim x uploads)", low=0.0, high=0.5,
+                              high_open=True),
+    "clip_update_norm": Field("float", 0.0, "scale every upload's update (upload minus the server's current "
+                              "value) down to at most this L2 norm before aggregating; 0: off", low=0.0),
     "flower.num_supernodes": Field("int", 0, "Flower simulation: SuperNodes (node p serves the clients k with "
                                    "k mod nodes = p); 0: one per client", low=0),
     "flower.client_cpus": Field("float", 1.0, "Flower: CPU cores per client: Ray resources in a simulation, and "
@@ -106,7 +126,10 @@ SCHEMA: dict[str, Field] = {
     "flower.round_timeout": Field("float", 600.0, "Flower: seconds the server waits for a round's replies; a "
                                   "client that has not answered by then is dropped from that round",
                                   low=0.0, low_open=True),
-    "synthetic.num_samples": Field("int", 2000, "synthetic data: samples in all", low=10),
+    "flower.max_upload_mb": Field("float", 1024.0, "Flower: the largest update (MB) the server decodes from one "
+                                  "client; a larger one drops that client for the round", low=0.0, low_open=True,
+                                  high=65536.0),
+    "synthetic.num_samples": Field("int", 2000, "synthetic data: samples in all", low=10, high=10_000_000),
     "synthetic.num_classes": Field("int", 10, "synthetic data: classes", low=2, high=1000),
     "synthetic.image_shape": Field("list[int]", [1, 16, 16], "synthetic data: [channels, size, size]",
                                    check=_image_shape),

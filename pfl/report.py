@@ -125,6 +125,7 @@ def write_report(root: Path, setup: Setup, run, wall: float, hw: Hardware, recip
         "hardware": {"accelerator": hw.accelerator, "devices": str(hw.devices), "precision": hw.precision,
                      "torch_threads": torch.get_num_threads(), "resident": hw.resident},
         "engine": _engine_summary(cfg),
+        "aggregation": {**setup.algorithm.rule.describe(), "applies_to": setup.algorithm.AGGREGATED},
         "clients_dropped_total": sum(r["clients_dropped"] for r in history),
         "versions": versions(),
     }
@@ -132,13 +133,14 @@ def write_report(root: Path, setup: Setup, run, wall: float, hw: Hardware, recip
         val_final, val_best = final_and_best(history, "val_")
         summary["validation"] = {"fraction": cfg.val_fraction, "final": val_final, "best": val_best}
     summary.update(extra or {})
-    (root / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     title = f"{cfg.method} on {cfg.dataset} (N={cfg.num_clients}, C={cfg.participation}, seed {cfg.seed})"
     plot_accuracy(history, root / "accuracy.png", title=title)
     import matplotlib.pyplot as plt
 
     accuracies = [row["accuracy"] for row in per_client]
     plt.close(plot_clients(setup.architectures, accuracies, state.client_curves, root / "clients.png", title))
+    # the last file written: its presence marks a complete run (which no later error deletes, pfl.run)
+    (root / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return summary
 
 

@@ -45,7 +45,7 @@ def train(cfg: Config, out: Path, hw: Hardware, callbacks: Callbacks | None = No
     (middleware around pfl's ClientApp, e.g. privacy or fault injection) for a simulation.
     `extra_summary` is added to summary.json as it is. `trackers`: experiment trackers to send the run to
     (pfl.trackers)."""
-    out = out.expanduser().absolute()
+    out = rundir.output_path(out)  # a symbolic link: the run goes to (and the link keeps pointing at) its target
     trackers = check_trackers(trackers)
     staging = rundir.prepare_output(out)
     check_engine(cfg, hw, simulated=grid is None)
@@ -63,7 +63,8 @@ def _execute(setup: Setup, out: Path, staging: Path, hw: Hardware, runner, callb
              grid=None, expected_nodes: int = 0, client_mods=None, resume_from: dict | None = None,
              extra_summary: dict[str, Any] | None = None, trackers: tuple[str, ...] = ()):
     """Rounds into `staging`, then the run directory renamed to `out`. On failure the staging directory
-    is deleted, unless it holds a checkpoint (then `pfl train --resume` continues from it)."""
+    is deleted, unless it holds a checkpoint (then `pfl train --resume` continues from it) or the run is
+    complete (summary.json written: it is renamed to `out`, or beside it, and never deleted)."""
     cfg = setup.cfg
     state_dir = staging / "state" / "clients"
     tracking = None
@@ -84,12 +85,12 @@ def _execute(setup: Setup, out: Path, staging: Path, hw: Hardware, runner, callb
             if grid is None:
                 from pfl.flower.app import simulate
 
-                run = simulate(make_run, cfg, setup.clients, str(state_dir), client_accelerator(cfg),
+                run = simulate(make_run, setup, str(state_dir), client_accelerator(cfg),
                                hw.precision, client_mods, resume_from=resume_from)
             else:
                 from pfl.flower.app import FlowerWorkers
 
-                run = make_run(FlowerWorkers(grid, cfg, setup.clients, str(state_dir), hw.accelerator,
+                run = make_run(FlowerWorkers(grid, setup, str(state_dir), hw.accelerator,
                                              hw.precision, expected_nodes))
                 run.initialise()
                 run.run()
@@ -113,7 +114,10 @@ def _execute(setup: Setup, out: Path, staging: Path, hw: Hardware, runner, callb
         if tracking is not None:
             with contextlib.suppress(Exception):  # a tracker's own error must not hide why the run failed
                 tracking.finish(staging, "failed")
-        rundir.discard_unless_resumable(staging)
+        if (staging / "summary.json").is_file():  # written last: the run is complete, never delete it
+            rundir.keep_finished(staging, out)
+        else:
+            rundir.discard_unless_resumable(staging)
         raise
     return summary
 
@@ -123,7 +127,7 @@ def resume(out: Path, make_callbacks: Callable[[Config, int], Callbacks] | None 
     """Continue the interrupted run that was writing `out`, from its newest checkpoint (or from round 0
     when it had none yet). `make_callbacks(cfg, start_round)` may build the progress display. Returns the
     config, the summary and the round it resumed from."""
-    out = Path(out).expanduser().absolute()
+    out = rundir.output_path(out)
     if out.exists() and (out / "summary.json").is_file():
         raise RunDirError(f"--resume: '{out}' is a finished run; there is nothing to resume")
     found = rundir.resumable(out)

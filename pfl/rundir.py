@@ -12,7 +12,9 @@ process writing it, so a second writer can tell that it is still alive.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import errno
 import json
 import os
 import shutil
@@ -41,11 +43,27 @@ def staging_dir(out: Path, pid: int | None = None) -> Path:
     return out.parent / f".{out.name}.partial-{pid or os.getpid()}"
 
 
+def output_path(out: Path) -> Path:
+    """`out` made absolute with every symbolic link resolved: a run given a link (`--out scratch`, a link to
+    an empty directory elsewhere) is staged beside, and renamed onto, the link's target, so the link then
+    points to the finished run (renaming onto the link itself would replace the link)."""
+    given = Path(out).expanduser().absolute()
+    try:
+        resolved = given.resolve()
+    except (OSError, RuntimeError) as exc:  # a loop of links
+        raise RunDirError(f"--out: cannot resolve the symbolic link '{given}': {exc}") from None
+    if resolved.is_symlink():  # Python >= 3.13 returns a looping link instead of raising
+        raise RunDirError(f"--out: cannot resolve the symbolic link '{given}': it loops")
+    return resolved
+
+
 def prepare_output(out: Path) -> Path:
     """Check that `out` can be created and is not an existing non-empty directory; return the staging dir."""
-    out = out.expanduser().absolute()
+    given = Path(out).expanduser().absolute()
+    out = output_path(given)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise RunDirError(f"--out: '{out}' already exists and is not empty; choose a new directory")
+        target = f" (the target of the link '{given}')" if out != given else ""
+        raise RunDirError(f"--out: '{out}'{target} already exists and is not empty; choose a new directory")
     ancestor = out.parent
     while not ancestor.exists():
         ancestor = ancestor.parent
@@ -74,14 +92,81 @@ def start_staging(staging: Path, cfg: Config, hw: Hardware, recipe_source: str) 
         raise
 
 
+def _is_checkpoint(path: Path) -> bool:
+    return path.name.startswith(("checkpoint-", ".checkpoint-")) or path.name == checkpoint.POINTER
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync_tree(root: Path) -> None:
+    """fsync every file and directory of a finished run (its checkpoints, already synced and about to be
+    dropped, excepted), so that a power loss after the rename cannot leave a named but empty file."""
+    for directory, dirs, files in os.walk(root):
+        if Path(directory) == root:
+            dirs[:] = [d for d in dirs if not _is_checkpoint(Path(d))]
+            files = [f for f in files if not _is_checkpoint(Path(f))]
+        for name in files:
+            _fsync(Path(directory) / name)
+        _fsync(Path(directory))
+
+
+def drop_checkpoints(run_dir: Path) -> None:
+    """Remove a finished run's checkpoints (best effort: a leftover checkpoint never fails a finished run)."""
+    for leftover in [*run_dir.glob("checkpoint-*"), *run_dir.glob(".checkpoint-*"), run_dir / checkpoint.POINTER]:
+        with contextlib.suppress(OSError):
+            shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink(missing_ok=True)
+
+
+def unplaced_dir(out: Path) -> Path:
+    """Where a finished run goes when `out` was taken meanwhile: the visible sibling `NAME.finished-PID`
+    (`-2`, `-3`, ... if even that exists); not a staging name, so nothing resumes or deletes it."""
+    candidate = out.parent / f"{out.name}.finished-{os.getpid()}"
+    n = 1
+    while candidate.exists() or candidate.is_symlink():
+        n += 1
+        candidate = out.parent / f"{out.name}.finished-{os.getpid()}-{n}"
+    return candidate
+
+
 def finish(staging: Path, out: Path) -> None:
-    """Drop the checkpoints of a completed run and rename its staging directory into place."""
-    for leftover in [*staging.glob("checkpoint-*"), *staging.glob(".checkpoint-*"), staging / checkpoint.POINTER]:
-        shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
+    """Put a completed run in place: fsync its files, rename the staging directory to `out` (atomically; the
+    kernel refuses when `out` is no longer an empty directory), fsync the parent, and only then drop the
+    checkpoints. When another run took `out` meanwhile, this run is left complete under `unplaced_dir(out)`
+    and a RunDirError names both: nothing of either run is deleted or overwritten."""
+    sync_tree(staging)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if out.exists():
-        out.rmdir()  # checked empty by prepare_output
-    staging.rename(out)
+    try:
+        os.rename(staging, out)  # replaces `out` only when it is an empty directory
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+            raise
+        kept = keep_finished(staging, out)
+        raise RunDirError(f"--out: '{out}' was filled by another run while this one ran; this run finished and "
+                          f"was left in '{kept}' (move it where you want it)") from None
+    _fsync(out.parent)
+    drop_checkpoints(out)
+
+
+def keep_finished(staging: Path, out: Path) -> Path:
+    """After an error once summary.json is written: never delete the finished run. Rename it to `out` if that
+    is still free, else to `unplaced_dir(out)`; returns where it is (the staging directory itself when even
+    a rename fails)."""
+    for target in (out, unplaced_dir(out)):
+        try:
+            os.rename(staging, target)
+        except OSError:
+            continue
+        with contextlib.suppress(OSError):
+            _fsync(target.parent)
+        drop_checkpoints(target)
+        return target
+    return staging
 
 
 def discard_unless_resumable(staging: Path) -> None:
@@ -93,7 +178,7 @@ def discard_unless_resumable(staging: Path) -> None:
 def resumable(out: Path) -> tuple[Path, int | None] | None:
     """The staging directory of an unfinished run of `out` that `--resume` can continue, and the round of
     its newest checkpoint (None: none yet, it restarts from round 0); None when there is none."""
-    out = Path(out).expanduser().absolute()
+    out = output_path(out)
     candidates = []
     for staging in out.parent.glob(f".{out.name}.partial-*"):
         if (staging / "config.toml").is_file() and (staging / RUN_FILE).is_file():

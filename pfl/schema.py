@@ -34,6 +34,7 @@ class Field:
     low: float | None = None
     high: float | None = None
     low_open: bool = False  # True: value must be > low instead of >= low
+    high_open: bool = False  # True: value must be < high instead of <= high
     check: Callable[[Any], str | None] | None = None
     named: Mapping[str, Any] | None = None  # names that stand for a value (a zoo name for its list of models)
 
@@ -46,7 +47,7 @@ class Field:
         if self.low is not None:
             bounds.append(("> " if self.low_open else ">= ") + _fmt(self.low))
         if self.high is not None:
-            bounds.append("<= " + _fmt(self.high))
+            bounds.append(("< " if self.high_open else "<= ") + _fmt(self.high))
         what = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
                 "list[str]": "a list of strings", "list[int]": "a list of integers"}[self.kind]
         return what + (" " + " and ".join(bounds) if bounds else "")
@@ -91,7 +92,7 @@ class Field:
                     raise bad()
         if self.low is not None and (value <= self.low if self.low_open else value < self.low):
             raise bad()
-        if self.high is not None and value > self.high:
+        if self.high is not None and (value >= self.high if self.high_open else value > self.high):
             raise bad()
         if self.check is not None:
             reason = self.check(value)

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from pfl.algorithms.aggregation import Rule
 from pfl.data.batches import BatchTransform
 from pfl.schema import Config, Field, Tensors
 
@@ -92,6 +93,11 @@ class Upload:
     client_id: int
     num_samples: int
     tensors: Tensors
+
+
+# The dtypes an update may have: floats travel as float32 whatever precision the client computed in
+# (ClientWorker's `on_the_wire`), integers (class labels, counts) as int64.
+WIRE_DTYPES = (torch.float32, torch.int64)
 
 
 def payload_bytes(tensors: Tensors) -> int:
@@ -387,6 +393,8 @@ class Algorithm:
     # two keys of the method's own, so that every method gets a space of the same size.
     SHARED_SEARCH_SPACE: ClassVar[dict[str, str]] = {"lr": "log:0.003:0.1"}
     SEARCH_SPACE: ClassVar[dict[str, str]] = {"weight_decay": "log:1e-5:1e-2", "momentum": "0.5:0.99"}
+    # what the recipe's `aggregation` rule and `clip_update_norm` act on (summary.json; docs/algorithms.md)
+    AGGREGATED: ClassVar[str] = "every uploaded tensor, coordinate-wise (clipping: against the global tensor)"
 
     @classmethod
     def search_space(cls) -> dict[str, str]:
@@ -396,6 +404,8 @@ class Algorithm:
         self.cfg = cfg
         self.spec = spec
         self.settings = self.Settings.from_config(cfg, self.name)
+        # the recipe's `aggregation`, `aggregation_trim`, `clip_update_norm` (pfl.algorithms.aggregation)
+        self.rule = Rule.from_config(cfg)
 
     @classmethod
     def check_config(cls, cfg: Config) -> None:
@@ -413,6 +423,15 @@ class Algorithm:
     def evaluation_label(self) -> str:
         """What personalised evaluation tests, for summary.json and tables."""
         return "personalised: each client's own model on its own test set"
+
+    def evaluation_reads_download(self) -> bool:
+        """Whether personalised evaluation uses what the server sends after the round (`evaluate_at =
+        "round_start"`, or a `prepare_eval` that receives the download: a global model, head, adapter or
+        prototypes). Such an evaluation needs the round's aggregate, so an engine cannot test clients inside
+        their training messages. A method whose `prepare_eval` reads the download overrides this (tested for
+        every method: an evaluation that says it does not read the download gives the same accuracy without
+        one)."""
+        return self.cfg.evaluate_at == "round_start"
 
     def initial_global(self) -> Tensors:
         """The server's state before round 1 (what the first broadcast carries)."""
@@ -438,7 +457,9 @@ class Algorithm:
         for name, t in upload.tensors.items():
             if not isinstance(t, torch.Tensor):
                 return f"'{name}' is not a tensor"
-            if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
+            if t.dtype not in WIRE_DTYPES:
+                return f"'{name}' has dtype {t.dtype}; updates carry float32 (int64 for labels and counts)"
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 return f"'{name}' has non-finite values (NaN or Inf)"
         template = self.upload_template(global_state)
         if template is None:
@@ -462,10 +483,12 @@ def structure_problem(tensors: Tensors, template: Tensors) -> str | None:
 
 
 def class_table_problem(tensors: Tensors, num_classes: int, rows: dict[str, tuple[int, ...]],
-                        with_counts: bool = False) -> str | None:
+                        counts_within: int | None = None) -> str | None:
     """Structure of a per-class update (FedProto, FedGH, FedTGP, FD, FedSSA): 'labels' [m] distinct int64
-    classes in [0, C); for every name in `rows` a float tensor [m, *shape]; and, `with_counts`, 'counts' [m]
-    int64 >= 1."""
+    classes in [0, C); for every name in `rows` a float tensor [m, *shape]; and, where `counts_within` is the
+    client's training-set size, 'counts' [m] int64 >= 1 adding up to at most that size (counts weigh the
+    server's mean: a client must not outweigh its own data)."""
+    with_counts = counts_within is not None
     names = {"labels", *rows} | ({"counts"} if with_counts else set())
     if set(tensors) != names:
         return f"tensor names must be {sorted(names)}, got {sorted(tensors)}"
@@ -483,4 +506,6 @@ def class_table_problem(tensors: Tensors, num_classes: int, rows: dict[str, tupl
         counts = tensors["counts"]
         if counts.shape != (m,) or counts.dtype != torch.int64 or (m and int(counts.min()) < 1):
             return "'counts' must be one int64 count >= 1 per label"
+        if int(counts.sum()) > counts_within:
+            return f"'counts' add up to {int(counts.sum())}, more than the client's {counts_within} training samples"
     return None

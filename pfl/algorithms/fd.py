@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from pfl.algorithms.aggregation import class_means, class_reference, clip_uploads
 from pfl.algorithms.base import (
     Algorithm,
     LocalClient,
@@ -83,6 +84,8 @@ class FDClient(LocalClient):
 @register
 class FD(Algorithm):
     name = "fd"
+    AGGREGATED = ("per-class logits, per class over its senders (mean: unweighted); clipping against the "
+                  "class's global logits")
     Settings = FDSettings
     SEARCH_SPACE = {"fd.lambda": "log:0.01:10", "weight_decay": "log:1e-5:1e-2"}
 
@@ -95,17 +98,15 @@ class FD(Algorithm):
 
     def aggregate(self, global_state: Tensors, uploads: list[Upload]) -> Tensors:
         c = self.spec.num_classes
-        sums = torch.zeros(c, c, dtype=torch.float64)
-        senders = torch.zeros(c, dtype=torch.float64)
-        for u in uploads:
-            sums.index_add_(0, u.tensors["labels"], u.tensors["logits"].double())
-            senders.index_add_(0, u.tensors["labels"], torch.ones(len(u.tensors["labels"]), dtype=torch.float64))
+        known = {"logits": global_state["logits"]}
+        uploads = clip_uploads(uploads, self.rule.clip,
+                               lambda u: class_reference(u.tensors["labels"], global_state["labels"], known, c))
+        means, sent = class_means([(u.tensors["labels"], u.tensors["logits"], None) for u in uploads], c, self.rule)
         logits = torch.zeros(c, c, dtype=torch.float64)
         have = torch.zeros(c, dtype=torch.bool)
         logits[global_state["labels"]] = global_state["logits"].double()  # classes nobody sent: keep
         have[global_state["labels"]] = True
-        sent = senders > 0
-        logits[sent] = sums[sent] / senders[sent, None]
+        logits[sent] = means[sent]
         have |= sent
         labels = torch.nonzero(have).flatten()
         return {"labels": labels, "logits": logits[labels].float()}

@@ -7,7 +7,8 @@ test set. A heterogeneous zoo cannot be averaged, so the recipe is refused.
 
 from __future__ import annotations
 
-from pfl.algorithms.base import Algorithm, LocalClient, Tensors, Upload, cpu_clone, register, weighted_mean
+from pfl.algorithms.aggregation import robust_mean
+from pfl.algorithms.base import Algorithm, LocalClient, Tensors, Upload, cpu_clone, register
 from pfl.errors import ConfigError
 from pfl.models import assign_architectures
 from pfl.schema import Config
@@ -46,8 +47,11 @@ class FedAvg(Algorithm):
         arch = assign_architectures(1, self.cfg.model_setting, self.cfg.model_zoo)[0]
         return cpu_clone(self.private_model(arch).state_dict())
 
+    def evaluation_reads_download(self) -> bool:
+        return True  # the global model is what is tested
+
     def aggregate(self, global_state: Tensors, uploads: list[Upload]) -> Tensors:
-        return weighted_mean(uploads)
+        return robust_mean(uploads, self.rule, reference=global_state)
 
     def upload_template(self, global_state: Tensors) -> Tensors:
         return global_state

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pfl.algorithms.aggregation import clip_uploads
 from pfl.algorithms.base import (
     Algorithm,
     LocalClient,
@@ -64,6 +65,9 @@ class FedGHClient(LocalClient):
 @register
 class FedGH(Algorithm):
     name = "fedgh"
+    AGGREGATED = ("nothing but clipping: the server head trains on every received (prototype, class) pair, "
+                  "no mean to replace; clipping bounds each upload's prototype table (the server holds no "
+                  "prototypes)")
     Settings = FedGHSettings
     SEARCH_SPACE = {"fedgh.server_lr": "log:0.001:0.1", "fedgh.server_epochs": "int:1:20"}
 
@@ -81,9 +85,15 @@ class FedGH(Algorithm):
     def initial_global(self) -> Tensors:
         return cpu_clone(prefixed("head", self._head().state_dict()))
 
+    def evaluation_reads_download(self) -> bool:
+        return self.settings.inference == "global" or super().evaluation_reads_download()
+
     def aggregate(self, global_state: Tensors, uploads: list[Upload]) -> Tensors:
         head = self._head()
         head.load_state_dict(unprefixed("head", global_state))
+        # no mean to make robust: the head trains on every pair; clipping bounds each upload's prototypes (the
+        # server holds none, so the update is the prototype table itself)
+        uploads = clip_uploads(uploads, self.rule.clip)
         protos = torch.cat([u.tensors["protos"] for u in uploads]).float()
         labels = torch.cat([u.tensors["labels"] for u in uploads])
         train_on_server(list(head.parameters()), protos, labels, lambda p, y: F.cross_entropy(head(p), y),

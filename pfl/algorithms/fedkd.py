@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from pfl.algorithms.aggregation import robust_mean
 from pfl.algorithms.base import (
     Algorithm,
     ClientModule,
@@ -145,6 +146,7 @@ class FedKDClient(ClientModule):
 @register
 class FedKD(Algorithm):
     name = "fedkd"
+    AGGREGATED = "the reconstructed mentee updates, coordinate-wise (clipping: each update's own norm)"
     Settings = FedKDSettings
     SEARCH_SPACE = {"fedkd.energy_start": "0.8:0.95", "fedkd.energy_end": "0.95:0.999"}
 
@@ -176,13 +178,13 @@ class FedKD(Algorithm):
     def aggregate(self, global_state: Tensors, uploads: list[Upload]) -> Tensors:
         mentee = unprefixed("mentee", global_state)
         shapes = {k: v.shape for k, v in mentee.items()}
-        total = float(sum(u.num_samples for u in uploads))
-        mean = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in mentee.items()}
-        for u in uploads:
-            for k, v in decompress(unprefixed("update", u.tensors), shapes).items():
-                mean[k] += v.double() * (u.num_samples / total)
+        # the uploads are updates already: clipping (if any) bounds their own norm (no reference)
+        updates = [Upload(u.client_id, u.num_samples,
+                          {k: v.float() for k, v in decompress(unprefixed("update", u.tensors), shapes).items()})
+                   for u in uploads]
+        mean = robust_mean(updates, self.rule)
         version = int(global_state["version"])
-        update = compress({k: v.float() for k, v in mean.items()}, float(global_state["energy"]))
+        update = compress({k: mean[k] for k in mentee}, float(global_state["energy"]))
         applied = decompress(update, shapes)
         client_version = global_state["client_version"].clone()
         client_version[[u.client_id for u in uploads]] = version
@@ -214,6 +216,10 @@ class FedKD(Algorithm):
             if us.ndim != 2 or vh.ndim != 2 or us.shape[0] != m or vh.shape[1] != n or us.shape[1] != vh.shape[0]:
                 return (f"factors of '{name}' have shapes {list(us.shape)} and {list(vh.shape)}, "
                         f"expected [{m}, k] and [k, {n}]")
+            if not 1 <= us.shape[1] <= min(m, n):
+                return f"factors of '{name}' have rank {us.shape[1]}, expected 1 to {min(m, n)}"
+            if not (us.is_floating_point() and vh.is_floating_point()):
+                return f"factors of '{name}' must be floats"
         if set(factors) != expected:
             return f"unexpected tensors {sorted(set(factors) - expected)[:3]}"
         return None

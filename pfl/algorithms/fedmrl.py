@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pfl.algorithms.aggregation import robust_mean
 from pfl.algorithms.base import (
     Algorithm,
     ClientModule,
@@ -34,7 +35,6 @@ from pfl.algorithms.base import (
     register,
     setting,
     unprefixed,
-    weighted_mean,
 )
 from pfl.algorithms.fml import known_model
 from pfl.errors import ConfigError
@@ -114,7 +114,7 @@ class FedMRL(Algorithm):
         return cpu_clone(prefixed("small", self._small().state_dict()))
 
     def aggregate(self, global_state: Tensors, uploads: list[Upload]) -> Tensors:
-        return weighted_mean(uploads)
+        return robust_mean(uploads, self.rule, reference=global_state)
 
     def upload_template(self, global_state: Tensors) -> Tensors:
         return global_state

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from pfl.algorithms.aggregation import class_means, class_reference, clip_uploads
 from pfl.algorithms.base import (
     Algorithm,
     LocalClient,
@@ -88,6 +89,8 @@ class FedProtoClient(LocalClient):
 @register
 class FedProto(Algorithm):
     name = "fedproto"
+    AGGREGATED = ("per-class prototypes, per class over its senders (mean: count-weighted); clipping "
+                  "against the class's previous global prototype, or zero for a class without one")
     Settings = FedProtoSettings
     SEARCH_SPACE = {"fedproto.lambda": "log:0.01:10", "weight_decay": "log:1e-5:1e-2"}
 
@@ -99,28 +102,31 @@ class FedProto(Algorithm):
         rule = "nearest global prototype" if self.settings.inference == "prototype" else "its own head"
         return f"personalised: each client's model on its own test set, predicting by {rule}"
 
+    def evaluation_reads_download(self) -> bool:
+        return self.settings.inference == "prototype" or super().evaluation_reads_download()
+
     def initial_global(self) -> Tensors:
         return {"labels": torch.zeros(0, dtype=torch.int64),
                 "protos": torch.zeros(0, self.spec.representation_dim)}
 
     def aggregate(self, global_state: Tensors, uploads: list[Upload]) -> Tensors:
         c, d = self.spec.num_classes, self.spec.representation_dim
-        sums = torch.zeros(c, d, dtype=torch.float64)
-        counts = torch.zeros(c, dtype=torch.float64)
-        for u in uploads:
-            weights = u.tensors["counts"].double()[:, None]
-            sums.index_add_(0, u.tensors["labels"], u.tensors["protos"].double() * weights)
-            counts.index_add_(0, u.tensors["labels"], u.tensors["counts"].double())
+        known = {"protos": global_state["protos"]}
+        uploads = clip_uploads(uploads, self.rule.clip,
+                               lambda u: class_reference(u.tensors["labels"], global_state["labels"], known, c))
+        # mean: weighted by the class counts; median, trimmed_mean: per class over its senders, unweighted
+        means, sent = class_means([(u.tensors["labels"], u.tensors["protos"], u.tensors["counts"]) for u in uploads],
+                                  c, self.rule)
         protos = torch.zeros(c, d, dtype=torch.float64)
         have = torch.zeros(c, dtype=torch.bool)
         protos[global_state["labels"]] = global_state["protos"].double()  # classes nobody sent: keep
         have[global_state["labels"]] = True
-        sent = counts > 0
-        protos[sent] = sums[sent] / counts[sent, None]
+        protos[sent] = means[sent]
         have |= sent
         labels = torch.nonzero(have).flatten()
         return {"labels": labels, "protos": protos[labels].float()}
 
     def upload_problem(self, upload: Upload, global_state: Tensors) -> str | None:
         return super().upload_problem(upload, global_state) or class_table_problem(
-            upload.tensors, self.spec.num_classes, {"protos": (self.spec.representation_dim,)}, with_counts=True)
+            upload.tensors, self.spec.num_classes, {"protos": (self.spec.representation_dim,)},
+            counts_within=upload.num_samples)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from pfl.algorithms.aggregation import clip_uploads, dense_class_means
 from pfl.algorithms.base import (
     Algorithm,
     LocalClient,
@@ -79,6 +80,8 @@ class FedSSAClient(LocalClient):
 @register
 class FedSSA(Algorithm):
     name = "fedssa"
+    AGGREGATED = ("per-class head rows, per class over every client's latest rows (mean: unweighted); "
+                  "clipping against the global head's rows")
     Settings = FedSSASettings
     SEARCH_SPACE = {"fedssa.mu0": "0.0:1.0", "fedssa.decay_rounds": "int:1:50"}
 
@@ -99,6 +102,9 @@ class FedSSA(Algorithm):
 
     def aggregate(self, global_state: Tensors, uploads: list[Upload]) -> Tensors:
         state = {k: v.clone() for k, v in global_state.items()}
+        # clipping: a row's update is the row minus the current global head's row of its class
+        uploads = clip_uploads(uploads, self.rule.clip, lambda u: {
+            "weight": global_state["weight"][u.tensors["labels"]], "bias": global_state["bias"][u.tensors["labels"]]})
         for u in uploads:
             labels = u.tensors["labels"]
             state["client_weight"][u.client_id, labels] = u.tensors["weight"].float()
@@ -106,11 +112,11 @@ class FedSSA(Algorithm):
             state["client_owns"][u.client_id, labels] = True
         owners = state["client_owns"].sum(0)  # [C]
         sent = owners > 0
-        mask = state["client_owns"].double()
-        weight_sum = (state["client_weight"].double() * mask[:, :, None]).sum(0)
-        bias_sum = (state["client_bias"].double() * mask).sum(0)
-        state["weight"][sent] = (weight_sum[sent] / owners[sent, None]).float()
-        state["bias"][sent] = (bias_sum[sent] / owners[sent]).float()
+        # mean: unweighted over the owners; median, trimmed_mean: the same rows, per class
+        weight = dense_class_means(state["client_weight"], state["client_owns"], self.rule)
+        bias = dense_class_means(state["client_bias"], state["client_owns"], self.rule)
+        state["weight"][sent] = weight[sent].float()
+        state["bias"][sent] = bias[sent].float()
         state["round"] = global_state["round"] + 1
         return state
 

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pfl.algorithms.aggregation import class_means, clip_uploads
 from pfl.algorithms.base import (
     Algorithm,
     LocalClient,
@@ -129,6 +130,9 @@ class FedTGPClient(LocalClient):
 @register
 class FedTGP(Algorithm):
     name = "fedtgp"
+    AGGREGATED = ("the per-class prototype means that set the margin (the generator trains on every pair, "
+                  "clipped); clipping against the class's global prototype (none before the first server "
+                  "step)")
     Settings = FedTGPSettings
     SEARCH_SPACE = {"fedtgp.lambda": "log:0.1:100", "fedtgp.margin_max": "log:1:1000"}
 
@@ -146,17 +150,24 @@ class FedTGP(Algorithm):
         """The generator (kept on the server) and a round counter; no prototypes before the first step."""
         return {**cpu_clone(prefixed("generator", self._generator().state_dict())), "round": torch.tensor(0)}
 
+    def evaluation_reads_download(self) -> bool:
+        return True  # the nearest global prototype predicts
+
     def download(self, global_state: Tensors, client_id: int) -> Tensors:
         return {"protos": global_state["protos"]} if "protos" in global_state else {}
 
     def aggregate(self, global_state: Tensors, uploads: list[Upload]) -> Tensors:
         c = self.spec.num_classes
+        # clipping: a prototype's update is the prototype minus the current global one of its class (none
+        # before the first server step: the prototype itself); the generator trains on the clipped pairs
+        known = global_state.get("protos")
+        uploads = clip_uploads(uploads, self.rule.clip,
+                               None if known is None else lambda u: {"protos": known[u.tensors["labels"]]})
         protos = torch.cat([u.tensors["protos"] for u in uploads]).float()
         labels = torch.cat([u.tensors["labels"] for u in uploads])
-        sums = torch.zeros(c, protos.shape[1], dtype=torch.float64).index_add_(0, labels, protos.double())
-        counts = torch.bincount(labels, minlength=c)
-        present = counts > 0
-        margin = adaptive_margin(sums[present] / counts[present, None], self.settings.margin_max)
+        # the class means that set the margin: mean, or the rule's median / trimmed mean over the senders
+        means, present = class_means([(labels, protos, None)], c, self.rule)
+        margin = adaptive_margin(means[present], self.settings.margin_max)
         generator = self._generator()
         generator.load_state_dict(unprefixed("generator", global_state))
         round_idx = int(global_state["round"]) + 1

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from pfl.algorithms.aggregation import robust_mean
 from pfl.algorithms.base import (
     Algorithm,
     ClientModule,
@@ -30,7 +31,6 @@ from pfl.algorithms.base import (
     register,
     setting,
     unprefixed,
-    weighted_mean,
 )
 
 
@@ -99,7 +99,7 @@ class FML(Algorithm):
         return cpu_clone(prefixed("meme", self.private_model(self.settings.shared_model).state_dict()))
 
     def aggregate(self, global_state: Tensors, uploads: list[Upload]) -> Tensors:
-        return weighted_mean(uploads)
+        return robust_mean(uploads, self.rule, reference=global_state)
 
     def upload_template(self, global_state: Tensors) -> Tensors:
         return global_state

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pfl.algorithms.aggregation import robust_mean
 from pfl.algorithms.base import (
     Algorithm,
     LocalClient,
@@ -19,7 +20,6 @@ from pfl.algorithms.base import (
     prefixed,
     register,
     unprefixed,
-    weighted_mean,
 )
 
 
@@ -44,7 +44,7 @@ class LGFedAvg(Algorithm):
         return cpu_clone(prefixed("head", head.state_dict()))
 
     def aggregate(self, global_state: Tensors, uploads: list[Upload]) -> Tensors:
-        return weighted_mean(uploads)
+        return robust_mean(uploads, self.rule, reference=global_state)
 
     def upload_template(self, global_state: Tensors) -> Tensors:
         return global_state

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pfl.algorithms.aggregation import robust_mean
 from pfl.algorithms.base import (
     Algorithm,
     ClientModule,
@@ -34,7 +35,6 @@ from pfl.algorithms.base import (
     register,
     setting,
     unprefixed,
-    weighted_mean,
 )
 
 
@@ -103,7 +103,7 @@ class PFedES(Algorithm):
         return cpu_clone(prefixed("extractor", make_extractor(self.spec.image_shape[0]).state_dict()))
 
     def aggregate(self, global_state: Tensors, uploads: list[Upload]) -> Tensors:
-        return weighted_mean(uploads)
+        return robust_mean(uploads, self.rule, reference=global_state)
 
     def upload_template(self, global_state: Tensors) -> Tensors:
         return global_state

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pfl.algorithms.aggregation import robust_mean
 from pfl.algorithms.base import (
     Algorithm,
     ClientModule,
@@ -36,7 +37,6 @@ from pfl.algorithms.base import (
     register,
     setting,
     unprefixed,
-    weighted_mean,
 )
 from pfl.errors import ConfigError
 from pfl.models import LoRAAdapter, build_model
@@ -152,6 +152,9 @@ class PFedLoRA(Algorithm):
         return (f"personalised: each client's model on its own test set; adapter used at inference: "
                 f"{self.settings.inference_adapter}")
 
+    def evaluation_reads_download(self) -> bool:
+        return self.settings.inference_adapter == "global" or super().evaluation_reads_download()
+
     def _adapter(self) -> LoRAAdapter:
         return LoRAAdapter(self.spec.representation_dim, self.spec.num_classes, self.settings.rank,
                            self.settings.scaling_alpha)
@@ -165,7 +168,7 @@ class PFedLoRA(Algorithm):
         return cpu_clone(prefixed("adapter", self._adapter().state_dict()))
 
     def aggregate(self, global_state: Tensors, uploads: list[Upload]) -> Tensors:
-        return weighted_mean(uploads)
+        return robust_mean(uploads, self.rule, reference=global_state)
 
     def upload_template(self, global_state: Tensors) -> Tensors:
         return global_state

@@ -16,6 +16,7 @@ class StandaloneClient(LocalClient):
 @register
 class Standalone(Algorithm):
     name = "standalone"
+    AGGREGATED = "nothing: standalone has no server step, the aggregation keys have no effect"
 
     def make_client(self, arch: str) -> StandaloneClient:
         return StandaloneClient(self.private_model(arch), self.cfg, self.spec.transform, self.spec.num_classes)
