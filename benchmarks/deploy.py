@@ -1,35 +1,40 @@
-"""Seconds per round of a real loopback Flower deployment (`pfl deploy`) against the local engine, and how
-much of a deployed round is Flower's own messaging.
+"""Seconds per round of a real loopback Flower deployment (TLS and node keys, as `pfl deploy` runs by default)
+against a bare Flower app that exchanges messages of the same sizes with the same SuperNodes, and against
+the local engine.
 
-    python benchmarks/deploy.py                                  # smoke, 2 SuperNodes, 5 rounds, both modes
-    python benchmarks/deploy.py --modes warm --set rounds=10
+    python benchmarks/deploy.py                                  # smoke, 2 SuperNodes, 5 rounds, warm ClientApps
+    python benchmarks/deploy.py --per-message --set rounds=10
 
-For each mode (`warm`: one long-running ClientApp process per SuperNode; `per-message`: Flower's default,
-a fresh ClientApp process per message) it runs `pfl deploy`, then reads metrics.csv (train_seconds +
-eval_seconds per round) and the ServerApp's per-round log line, which gives every message wave's wall time
-(push to last reply) and the time the busiest node's ClientApp spent handling its messages of that wave.
-wall - ClientApp = Flower's messaging: the SuperNode's polling of the SuperLink (every 3 s when idle) and of
-its ClientApp's reply (every 0.5 s), the ServerApp's polling (pfl: 0.2 s), transfers, and, per message,
-the start of a ClientApp process in `per-message` mode. The local engine runs the same recipe in this
-process with one torch thread, as each ClientApp does (flower.client_cpus = 1).
+One deployment (a SuperLink, K SuperNodes, their warm ClientApp processes) serves two `flwr run`s in turn:
+pfl's app on the recipe, then benchmarks/bare_flower.py (no training: each round one message per client with
+pfl's download size and run-record size, replies of pfl's upload size, polled like pfl's ServerApp polls).
+pfl's seconds per round come from metrics.csv (train_seconds + eval_seconds); its ServerApp's per-round log
+line splits each round's message wave into the time the busiest node's ClientApp spent in pfl's handlers and
+the rest, which is Flower's messaging (the SuperNode polls the SuperLink every 3 s when idle and its
+ClientApp's reply every 0.5 s in flwr 1.42, transfers, TLS); what is left of the round is pfl's server side
+(aggregation, checks, metrics). The local engine runs the same recipe in this process with one torch
+thread, as each ClientApp does (flower.client_cpus = 1). Medians over rounds 2..T.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import re
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
+import tomli_w
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-WAVE = re.compile(r"(train|evaluate \w+) ([\d.]+) s wall, ([\d.]+) s in the busiest ClientApp")
+sys.path.insert(0, str(REPO))
+WAVE = re.compile(r"(train \+ evaluate|train|evaluate \w+) ([\d.]+) s wall, ([\d.]+) s in the busiest ClientApp")
 
 
 def per_round(run_dir: Path) -> list[float]:
@@ -37,14 +42,32 @@ def per_round(run_dir: Path) -> list[float]:
         return [float(r["train_seconds"]) + float(r["eval_seconds"]) for r in csv.DictReader(f)]
 
 
-def waves(run_dir: Path) -> list[tuple[float, float]]:
-    """(wall, busiest ClientApp) per round, summed over the round's message waves."""
+def first_row(run_dir: Path) -> dict:
+    with open(run_dir / "metrics.csv", newline="") as f:
+        return next(csv.DictReader(f))
+
+
+def waves(log: Path) -> list[tuple[int, float, float]]:
+    """(message waves, wall, busiest ClientApp) per round, summed over the round's waves."""
     out = []
-    for line in (run_dir / "flower-logs" / "flwr-run.log").read_text(errors="replace").splitlines():
+    for line in log.read_text(errors="replace").splitlines():
         if "pfl: round" in line and "| messages:" in line:
             found = WAVE.findall(line)
-            out.append((sum(float(w) for _, w, _ in found), sum(float(b) for _, _, b in found)))
+            out.append((len(found), sum(float(w) for _, w, _ in found), sum(float(b) for _, _, b in found)))
     return out
+
+
+def flwr_run(deployment, app_dir: Path, run_config: dict, log_name: str) -> None:
+    from pfl.flower.deploy import _toml_value, flower_bin
+
+    items = " ".join(f"{k}={_toml_value(v)}" for k, v in run_config.items())
+    with open(deployment.log(log_name), "wb") as log:
+        code = subprocess.run([flower_bin("flwr"), "run", str(app_dir), "--stream", "--run-config", items],
+                              stdout=log, stderr=subprocess.STDOUT, env=deployment.env, cwd=deployment.workdir,
+                              stdin=subprocess.DEVNULL).returncode
+    if code != 0:
+        sys.exit(f"flwr run {app_dir.name} failed (exit {code}); log:\n"
+                 f"{deployment.log(log_name).read_text(errors='replace')[-3000:]}")
 
 
 def main() -> None:
@@ -52,41 +75,71 @@ def main() -> None:
     parser.add_argument("--recipe", default="smoke")
     parser.add_argument("--supernodes", type=int, default=2)
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="recipe override key=value")
-    parser.add_argument("--modes", default="warm,per-message", help="comma-separated: warm, per-message")
+    parser.add_argument("--per-message", action="store_true", help="Flower's ClientApp process per message")
+    parser.add_argument("--insecure", action="store_true", help="no TLS, no node keys")
     args = parser.parse_args()
-    overrides = ["rounds=5", *args.overrides]
 
+    from benchmarks import bare_flower
     from pfl import config
     from pfl.build import Hardware
+    from pfl.flower.deploy import LoopbackDeployment
+    from pfl.flower.security import Security, private_directory
     from pfl.run import train
 
     torch.set_num_threads(1)
-    cfg, _ = config.load(args.recipe, overrides)
-    with tempfile.TemporaryDirectory(prefix="pfl-bench-deploy-") as tmp:
-        train(cfg, Path(tmp) / "local", Hardware(threads=1))
-        local = per_round(Path(tmp) / "local")
-        results = {}
-        for mode in args.modes.split(","):
-            out = Path(tmp) / mode
-            cmd = [sys.executable, "-m", "cli.main", "deploy", "--recipe", args.recipe, "--supernodes",
-                   str(args.supernodes), "--out", str(out), f"--{mode}"] + [f"--set={o}" for o in overrides]
-            started = time.perf_counter()
-            proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-            if proc.returncode != 0:
-                sys.exit(f"pfl deploy --{mode} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-2000:]}")
-            results[mode] = (time.perf_counter() - started, per_round(out), waves(out))
+    cfg, _ = config.load(args.recipe, ["rounds=5", *args.overrides])
+    tmp = Path(tempfile.mkdtemp(prefix="pfl-bench-deploy-"))
+    keys = None
+    try:
+        train(cfg, tmp / "local", Hardware(threads=1))
+        local = per_round(tmp / "local")
+        keys = None if args.insecure else private_directory()
+        security = Security.insecure() if keys is None else Security.create(keys, ["127.0.0.1"], args.supernodes)
+        config_path = tmp / "config.toml"
+        config_path.write_text(tomli_w.dumps(cfg.as_nested()), encoding="utf-8")
+        workdir = tmp / "deployment"
+        workdir.mkdir()
+        with LoopbackDeployment(args.supernodes, workdir, warm=not args.per_message, security=security) as dep:
+            code = dep.run_app({"config": str(config_path), "out": str(tmp / "pfl"), "num-supernodes": args.supernodes,
+                                "accelerator": "cpu", "precision": "32-true", "tls": security.tls,
+                                "node-auth": security.node_auth})
+            if code != 0:
+                sys.exit(f"pfl's run failed; log:\n{dep.log('flwr-run').read_text(errors='replace')[-3000:]}")
+            row = first_row(tmp / "pfl")
+            clients = int(row["clients"])
+            bare_app = workdir / "bare-app"
+            bare_flower.write_app(bare_app)
+            flwr_run(dep, bare_app, {"rounds": cfg.rounds, "clients": clients, "nodes": args.supernodes,
+                                     "down-floats": int(row["bytes_down"]) // 4 // clients,
+                                     "up-floats": int(row["bytes_up"]) // 4 // clients,
+                                     "config-bytes": len(config_path.read_text()) + 120,
+                                     "out": str(tmp / "bare.json")}, "bare-run")
+            pfl_waves = waves(dep.log("flwr-run"))
+            if not (tmp / "bare.json").is_file():
+                sys.exit(f"the bare Flower run wrote no timings; its log:\n"
+                         f"{dep.log('bare-run').read_text(errors='replace')[-3000:]}")
+        bare = json.loads((tmp / "bare.json").read_text())["seconds_per_round"]
+        pfl = per_round(tmp / "pfl")
+    finally:
+        if keys is not None:
+            shutil.rmtree(keys, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
 
-    later = statistics.median(local[1:])
-    print(f"recipe {args.recipe}, {args.supernodes} SuperNodes, {len(local)} rounds; medians over rounds 2..T")
-    print(f"local engine (this process, 1 thread): {later:.3f} s/round (train + eval)")
-    for mode, (wall, rounds, timing) in results.items():
-        s_round = statistics.median(rounds[1:])
-        msg_wall = statistics.median(w for w, _ in timing[1:])
-        busy = statistics.median(b for _, b in timing[1:])
-        print(f"deploy --{mode}: {wall:.1f} s in all; round 1 {rounds[0]:.2f} s; later rounds {s_round:.2f} s/round "
-              f"({s_round / later:.0f}x the local engine): message waves {msg_wall:.2f} s wall, of which "
-              f"{busy:.2f} s in the busiest ClientApp and {msg_wall - busy:.2f} s ({(msg_wall - busy) / msg_wall:.0%}) "
-              f"Flower's messaging")
+    mode = "per-message ClientApps" if args.per_message else "warm ClientApps"
+    print(f"recipe {args.recipe}, {args.supernodes} SuperNodes ({mode}, "
+          f"{'insecure' if args.insecure else 'TLS + node keys'}), {cfg.rounds} rounds, {clients} clients per round; "
+          f"medians over rounds 2..T")
+    local_s, pfl_s, bare_s = (statistics.median(x[1:]) for x in (local, pfl, bare))
+    count = statistics.median(n for n, _, _ in pfl_waves[1:])
+    wall = statistics.median(w for _, w, _ in pfl_waves[1:])
+    busy = statistics.median(b for _, _, b in pfl_waves[1:])
+    print(f"local engine (this process, 1 thread): {local_s:.3f} s/round")
+    print(f"bare Flower (same nodes, same message sizes, no training): {bare_s:.2f} s/round")
+    print(f"pfl deployed: {pfl_s:.2f} s/round, {count:g} message wave(s) per round: {wall:.2f} s wall, of which "
+          f"{busy:.2f} s in the busiest ClientApp (pfl's handlers) and {wall - busy:.2f} s Flower's messaging; "
+          f"{pfl_s - wall:.2f} s pfl's server side")
+    print(f"pfl / bare Flower round ratio: {pfl_s / bare_s:.2f}")
+    print(f"pfl deployed / local engine: {pfl_s / local_s:.0f}x")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """Evaluation conventions, each against accuracies computed by hand: which model, which download, which rule."""
 
+import pytest
 import torch
 from test_baselines import method_cfg, setup
 
+from pfl.algorithms import ALGORITHMS
 from pfl.federation import FederatedRun, MemoryStore, make_runner
 
 
@@ -74,3 +76,27 @@ def test_fedgh_global_head_inference_uses_the_aggregated_head(make_cfg):
             return h @ g["head.weight"].T + g["head.bias"] if inference == "global" else module.model.head(h)
 
         assert run.state.last_accuracies == _by_hand(algo, clients, archs, store, predict), inference
+
+
+# every method and every setting that changes what its evaluation reads
+READS_DOWNLOAD_CASES = [(m, {}) for m in sorted(ALGORITHMS)] + [
+    ("pfedlora", {"pfedlora.inference_adapter": "global"}), ("fedproto", {"fedproto.inference": "prototype"}),
+    ("fedgh", {"fedgh.inference": "global"}), ("lg_fedavg", {"evaluate_at": "round_start"})]
+
+
+@pytest.mark.parametrize("method, extra", READS_DOWNLOAD_CASES,
+                         ids=[m + "".join(f"-{v}" for v in e.values()) for m, e in READS_DOWNLOAD_CASES])
+def test_evaluation_reads_download_is_declared_truthfully(make_cfg, method, extra):
+    """A method that says its evaluation does not read the server's new download (so a Flower round tests each
+    client inside its training message) gets the same accuracy for every client with no download at all. The
+    global model (FedAvg), global prototypes (FedTGP, FedProto's prototype rule), global head or adapter, and
+    `evaluate_at = "round_start"` are read."""
+    cfg = method_cfg(make_cfg, method, rounds=2, **extra)
+    algo, clients, _, _, run = _run_one_round(cfg)
+    worker = run.workers.worker
+    fresh = {k: algo.download(run.state.global_state, k) for k in range(len(clients))}
+    with_download = [worker.evaluate(k, fresh[k]) for k in range(len(clients))]
+    reads = algo.evaluation_reads_download()
+    assert reads == (method in ("fedavg", "fedtgp") or bool(extra))
+    if not reads:
+        assert [worker.evaluate(k, {}) for k in range(len(clients))] == with_download

@@ -220,9 +220,9 @@ class _LosesNode1AfterRound1(LocalWorkers):
 
     GONE = (1, 3)
 
-    def train(self, round_idx, downloads, on_done):
+    def train(self, round_idx, downloads, on_done, evaluate=()):
         gone = self.GONE if round_idx > 1 else ()
-        outcomes = super().train(round_idx, {k: d for k, d in downloads.items() if k not in gone}, on_done)
+        outcomes = super().train(round_idx, {k: d for k, d in downloads.items() if k not in gone}, on_done, evaluate)
         outcomes.update(dict.fromkeys(gone, "gone"))
         return outcomes
 
@@ -260,15 +260,17 @@ def test_deployment_survives_a_killed_supernode_and_equals_the_local_engine(tmp_
     assert proc.returncode == 0, text[-3000:]
     assert killed, text[-3000:]
     assert "in the busiest ClientApp" in text  # each round's message timing is reported
+    assert "messages: train + evaluate " in text and "evaluate test" not in text  # one wave per round
     rows = read_rows(out / "metrics.csv")
     assert [int(r["clients_dropped"]) for r in rows] == [0, 2, 2]
     per_client = {int(r["client_id"]): r["accuracy"] for r in read_rows(out / "per_client.csv")}
     assert math.isnan(float(per_client[1])) and math.isnan(float(per_client[3]))  # their node is gone
     assert float(per_client[0]) > 0.5 and float(per_client[2]) > 0.5  # 2-class clients: above chance
-    # node 0: 1 query, 2 clients x 3 rounds of training, 2 evaluations, all served by one process
+    # node 0: 1 query, 2 clients x 3 rounds of training (round 3's evaluation inside its training messages: one
+    # message wave per round), all served by one process
     served = [line for line in (out / "flower-logs" / "clientapp-0.log").read_text().splitlines()
               if " served a " in line]
-    assert len(served) == 9, served
+    assert len(served) == 7, served
     assert len({line.split(" pid ")[1].split()[0] for line in served}) == 1
     assert sum(" train message " in line for line in served) == 6
 

@@ -154,8 +154,8 @@ def test_local_engine_rejects_a_non_finite_or_misshaped_update(make_cfg):
     run.initialise()
     train = run.workers.train
 
-    def corrupting(round_idx, downloads, on_done):
-        outcomes = train(round_idx, downloads, on_done)
+    def corrupting(round_idx, downloads, on_done, evaluate=()):
+        outcomes = train(round_idx, downloads, on_done, evaluate)
         outcomes[1].upload.tensors["adapter.A"] = torch.full_like(outcomes[1].upload.tensors["adapter.A"], math.inf)
         outcomes[2].upload.tensors["adapter.B"] = outcomes[2].upload.tensors["adapter.B"][:, :2]
         kept.extend(cpu_clone(outcomes[k].upload.tensors) | {"n": outcomes[k].upload.num_samples} for k in (0, 3))

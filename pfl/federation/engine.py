@@ -1,4 +1,5 @@
-"""The `local` engine: rounds run in this process, clients one after another, on one device.
+"""The round loop of every engine (`FederatedRun`), the client side (`ClientWorker`, `ClientRunner`) and the
+`local` engine (`LocalWorkers`: rounds in this process, clients one after another, on one device).
 
 The loop knows nothing about any method: it samples clients, loads each one's private state into a module
 (one cached module per architecture), lets the method's phases train through one ClientRunner (a lean
@@ -184,6 +185,12 @@ def on_the_wire(t: torch.Tensor) -> torch.Tensor:
     return t if t.device.type == "cpu" else t.cpu()
 
 
+def nonfinite(tensors: Tensors) -> list[str]:
+    """Names of the floating tensors in `tensors` with a NaN or an infinity."""
+    return [name for name, t in tensors.items()
+            if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all())]
+
+
 def has_batch_norm(module: torch.nn.Module) -> bool:
     """Whether any sub-module normalises over the batch (it cannot train on a batch of one sample)."""
     return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in module.modules())
@@ -355,12 +362,17 @@ Outcome = ClientResult | str
 class Workers(Protocol):
     """The engine, as the round loop sees it. `client_states(ids)` yields (client id, private state) for
     the clients `ids` (default: every client), for checkpoints and the run directory, or is None where the
-    states live elsewhere (Flower nodes)."""
+    states live elsewhere (Flower nodes).
+
+    `train(..., evaluate=splits)` announces that this round's evaluation (of every client, on `splits`) will
+    follow and does not read the new server state (`Algorithm.evaluation_reads_download` is False): an
+    engine whose messages are costly (Flower) tests each client in the same message wave as the training and
+    answers the `evaluate` calls that follow from those results; the local engine ignores it."""
 
     def start(self, initial_global: Tensors) -> None: ...
 
-    def train(self, round_idx: int, downloads: dict[int, Tensors], on_done: Callable[[int], None]
-              ) -> dict[int, Outcome]: ...
+    def train(self, round_idx: int, downloads: dict[int, Tensors], on_done: Callable[[int], None],
+              evaluate: tuple[str, ...] = ()) -> dict[int, Outcome]: ...
 
     def evaluate(self, downloads: dict[int, Tensors], split: str) -> dict[int, float]: ...
 
@@ -381,7 +393,8 @@ class LocalWorkers:
         for k in range(len(self.worker.clients)):
             self.worker.initialise(k, initial_global)
 
-    def train(self, round_idx: int, downloads: dict[int, Tensors], on_done) -> dict[int, Outcome]:
+    def train(self, round_idx: int, downloads: dict[int, Tensors], on_done, evaluate: tuple[str, ...] = ()
+              ) -> dict[int, Outcome]:
         outcomes = {}
         for k, download in downloads.items():
             outcomes[k] = self.worker.train(round_idx, k, download)
@@ -497,21 +510,32 @@ class FederatedRun:
             done.append(k)
             self.callbacks.on_client_done(t, k, len(done), len(sampled))
 
-        outcomes = self.workers.train(t, downloads, on_done)
+        evaluated = t % self.cfg.eval_every == 0 or t == self.cfg.rounds
+        splits = (("test",) if self.cfg.eval_test else ()) + (("val",) if self.cfg.val_fraction > 0 else ())
+        # an evaluation that does not read the new server state can travel with the training (one message wave)
+        along = splits if evaluated and not self.algorithm.evaluation_reads_download() else ()
+        outcomes = self.workers.train(t, downloads, on_done, along)
         received = [o for o in outcomes.values() if not isinstance(o, str)]
         results = self._accept(t, sampled, outcomes)
         with count_flops() as server_flops:
-            self.state.global_state = self.algorithm.aggregate(self.state.global_state,
-                                                               [r.upload for r in results])
+            aggregate = self.algorithm.aggregate(self.state.global_state, [r.upload for r in results])
+        bad = nonfinite(aggregate)
+        if bad:
+            log.warning("round %d: the aggregate has non-finite values in %s; the previous server state is kept",
+                        t, ", ".join(bad[:3]))
+        else:
+            self.state.global_state = aggregate
         train_seconds = time.perf_counter() - started
 
         record: dict[str, Any] = {"round": t, "clients": len(sampled), "clients_dropped": len(sampled) - len(results)}
+        # every accepted result has the same phases (an engine drops replies that do not); diagnostics are
+        # averaged over the clients that measured them
         phase_names = list(results[0].losses)
         record["train_loss"] = _mean(r.losses[phase_names[0]] for r in results) if phase_names else math.nan
         for name in phase_names:
             record[f"loss_{name}"] = _mean(r.losses[name] for r in results)
-        for name in results[0].diagnostics:
-            record[name] = _mean(r.diagnostics[name] for r in results)
+        for name in dict.fromkeys(n for r in results for n in r.diagnostics):
+            record[name] = _mean(r.diagnostics[name] for r in results if name in r.diagnostics)
         # Costs count what travelled and ran: every download sent, every update received (rejected ones too).
         sent = [d for k, d in downloads.items() if not isinstance(outcomes.get(k), NotSent)]
         record.update(
@@ -526,7 +550,6 @@ class FederatedRun:
         record["flops_cumulative"] = previous["flops_cumulative"] + record["flops_client"] + record["flops_server"]
 
         eval_seconds = 0.0
-        evaluated = t % self.cfg.eval_every == 0 or t == self.cfg.rounds
         if evaluated:
             self.callbacks.on_evaluate_start(t)
             eval_started = time.perf_counter()
