@@ -4,8 +4,9 @@ benchmarks/deploy.py runs on the same SuperLink and SuperNodes right after pfl's
 Each round the ServerApp pushes one `train` message per client (a config record of the size of pfl's run
 record, an array of the download's size) and pulls the replies (an array of the upload's size and a few
 metrics) with the same 0.2 s polling pfl's ServerApp uses (Flower's own `send_and_receive` sleeps 3 s between
-pulls, which would flatter pfl). The ClientApp answers at once. Seconds per round go to the JSON file the
-run config names.
+pulls, which would flatter pfl). Every payload holds fresh random values, as pfl's do (Flower stores
+objects by content hash: identical payloads would not travel again). The ClientApp answers at once.
+Seconds per round go to the JSON file the run config names.
 
     flwr run APP_DIR --run-config "rounds=5 clients=4 nodes=2 down-floats=4064 up-floats=4064 config-bytes=1200
                                    out='/tmp/bare.json'"
@@ -49,15 +50,20 @@ def _main(grid: Grid, context: Context) -> None:
         time.sleep(POLL_SECONDS)
     replies = _exchange(grid, [Message(RecordDict({}), dst_node_id=n, message_type="query") for n in nodes])
     node_of = {int(r.content["node"]["partition-id"]): r.metadata.src_node_id for r in replies}
-    download = np.zeros(int(run["down-floats"]), dtype=np.float32)
+    rng = np.random.default_rng(0)
     seconds = []
     for round_idx in range(1, int(run["rounds"]) + 1):
         started = time.perf_counter()
-        messages = [Message(RecordDict({"run": ConfigRecord({"config": "x" * int(run["config-bytes"]),
-                                                             "client_id": k, "round": round_idx}),
-                                        "download": ArrayRecord({"w": Array(download)})}),
-                            dst_node_id=node_of[k % nodes_wanted], message_type="train", group_id=str(round_idx))
-                    for k in range(int(run["clients"]))]
+        # fresh values in every message, as pfl's are: Flower stores objects by content hash, and identical
+        # payloads would be found already on the node instead of travelling
+        messages = []
+        for k in range(int(run["clients"])):
+            record = ConfigRecord({"config": f"{round_idx} {k} ".ljust(int(run["config-bytes"]), "x"),
+                                   "client_id": k, "round": round_idx})
+            download = ArrayRecord({"w": Array(rng.random(int(run["down-floats"]), dtype=np.float32))})
+            messages.append(Message(RecordDict({"run": record, "download": download}),
+                                    dst_node_id=node_of[k % nodes_wanted], message_type="train",
+                                    group_id=str(round_idx)))
         _exchange(grid, messages)
         seconds.append(time.perf_counter() - started)
     with open(str(run["out"]), "w", encoding="utf-8") as f:
@@ -74,7 +80,7 @@ def _query(msg: Message, context: Context) -> Message:
 @client_app.train()
 def _train(msg: Message, context: Context) -> Message:
     floats = int(context.run_config["up-floats"])
-    upload = ArrayRecord({"w": Array(np.zeros(floats, dtype=np.float32))})
+    upload = ArrayRecord({"w": Array(np.random.default_rng().random(floats, dtype=np.float32))})
     metrics = MetricRecord({"num_samples": 1, "flops": 1, "seconds": 0.0, "loss.a": 0.0, "loss.b": 0.0})
     return Message(RecordDict({"upload": upload, "metrics": metrics}), reply_to=msg)
 

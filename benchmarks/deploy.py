@@ -57,6 +57,16 @@ def waves(log: Path) -> list[tuple[int, float, float]]:
     return out
 
 
+SERVED = re.compile(r"served a (train|evaluate) message in ([\d.]+) s")
+
+
+def served(deployment, nodes: int) -> list[list[float]]:
+    """Per node, the seconds its warm ClientApp spent per train/evaluate message, pull to push (Flower's
+    runtime calls around the handler)."""
+    return [[float(m.group(2)) for m in SERVED.finditer(deployment.log(f"clientapp-{i}").read_text(errors="replace"))]
+            for i in range(nodes)]
+
+
 def flwr_run(deployment, app_dir: Path, run_config: dict, log_name: str) -> None:
     from pfl.flower.deploy import _toml_value, flower_bin
 
@@ -105,6 +115,7 @@ def main() -> None:
                                 "node-auth": security.node_auth})
             if code != 0:
                 sys.exit(f"pfl's run failed; log:\n{dep.log('flwr-run').read_text(errors='replace')[-3000:]}")
+            pfl_served = served(dep, args.supernodes)
             row = first_row(tmp / "pfl")
             clients = int(row["clients"])
             bare_app = workdir / "bare-app"
@@ -115,6 +126,7 @@ def main() -> None:
                                      "config-bytes": len(config_path.read_text()) + 120,
                                      "out": str(tmp / "bare.json")}, "bare-run")
             pfl_waves = waves(dep.log("flwr-run"))
+            bare_served = [after[len(before):] for before, after in zip(pfl_served, served(dep, args.supernodes))]
             if not (tmp / "bare.json").is_file():
                 sys.exit(f"the bare Flower run wrote no timings; its log:\n"
                          f"{dep.log('bare-run').read_text(errors='replace')[-3000:]}")
@@ -138,6 +150,11 @@ def main() -> None:
     print(f"pfl deployed: {pfl_s:.2f} s/round, {count:g} message wave(s) per round: {wall:.2f} s wall, of which "
           f"{busy:.2f} s in the busiest ClientApp (pfl's handlers) and {wall - busy:.2f} s Flower's messaging; "
           f"{pfl_s - wall:.2f} s pfl's server side")
+    if not args.per_message:
+        for name, per_node in (("pfl", pfl_served), ("bare Flower", bare_served)):
+            times = [t for node in per_node for t in node]
+            print(f"{name}: a warm ClientApp spends {statistics.median(times):.3f} s per message (median of "
+                  f"{len(times)}; pulling the message, the handler, pushing the reply)")
     print(f"pfl / bare Flower round ratio: {pfl_s / bare_s:.2f}")
     print(f"pfl deployed / local engine: {pfl_s / local_s:.0f}x")
 
