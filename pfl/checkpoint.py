@@ -39,7 +39,8 @@ from pfl.federation.store import client_file
 POINTER = "checkpoint.json"
 
 
-def _fsync(path: Path) -> None:
+def fsync(path: Path) -> None:
+    """Flush a file or directory to disk (a rename is durable once its directory is synced)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -62,7 +63,7 @@ def _write_json_atomically(path: Path, data: Any) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync(path.parent)
+    fsync(path.parent)
 
 
 def _newest(root: Path) -> tuple[str, dict[str, str]] | None:
@@ -110,18 +111,18 @@ def save(root: Path, round_idx: int, global_state: dict[str, torch.Tensor], clie
         files[f"clients/{client_file(k)}"] = {n: t.cpu().contiguous() for n, t in state.items()}
     for rel, tensors in files.items():
         save_file(tensors, str(tmp / rel))
-        _fsync(tmp / rel)
+        fsync(tmp / rel)
         digests[rel] = _sha256(tmp / rel)
     progress = {**progress, "round": round_idx}
     (tmp / "progress.json").write_text(json.dumps(progress), encoding="utf-8")
-    _fsync(tmp / "progress.json")
+    fsync(tmp / "progress.json")
     digests["progress.json"] = _sha256(tmp / "progress.json")
-    _fsync(tmp / "clients")
-    _fsync(tmp)
+    fsync(tmp / "clients")
+    fsync(tmp)
     target = root / name
     shutil.rmtree(target, ignore_errors=True)  # a leftover of a crash right after this rename, before the pointer
     os.replace(tmp, target)
-    _fsync(root)
+    fsync(root)
     clients = sorted(int(rel[len("clients/client_"):-len(".safetensors")]) for rel in digests
                      if rel.startswith("clients/"))
     _write_json_atomically(root / POINTER, {"latest": name, "round": round_idx, "sha256": digests,

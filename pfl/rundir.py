@@ -96,14 +96,6 @@ def _is_checkpoint(path: Path) -> bool:
     return path.name.startswith(("checkpoint-", ".checkpoint-")) or path.name == checkpoint.POINTER
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def sync_tree(root: Path) -> None:
     """fsync every file and directory of a finished run (its checkpoints, already synced and about to be
     dropped, excepted), so that a power loss after the rename cannot leave a named but empty file."""
@@ -112,8 +104,8 @@ def sync_tree(root: Path) -> None:
             dirs[:] = [d for d in dirs if not _is_checkpoint(Path(d))]
             files = [f for f in files if not _is_checkpoint(Path(f))]
         for name in files:
-            _fsync(Path(directory) / name)
-        _fsync(Path(directory))
+            checkpoint.fsync(Path(directory) / name)
+        checkpoint.fsync(Path(directory))
 
 
 def drop_checkpoints(run_dir: Path) -> None:
@@ -149,7 +141,7 @@ def finish(staging: Path, out: Path) -> None:
         kept = keep_finished(staging, out)
         raise RunDirError(f"--out: '{out}' was filled by another run while this one ran; this run finished and "
                           f"was left in '{kept}' (move it where you want it)") from None
-    _fsync(out.parent)
+    checkpoint.fsync(out.parent)
     drop_checkpoints(out)
 
 
@@ -163,7 +155,7 @@ def keep_finished(staging: Path, out: Path) -> Path:
         except OSError:
             continue
         with contextlib.suppress(OSError):
-            _fsync(target.parent)
+            checkpoint.fsync(target.parent)
         drop_checkpoints(target)
         return target
     return staging

@@ -148,13 +148,13 @@ def test_finish_renames_before_it_drops_the_checkpoints(tmp_path, monkeypatch):
 
 def test_finished_files_and_directories_are_fsynced(tmp_path, monkeypatch):
     synced = []
-    real = rundir._fsync
+    real = checkpoint.fsync
 
     def record(path):
         synced.append(Path(path))
         real(path)
 
-    monkeypatch.setattr(rundir, "_fsync", record)
+    monkeypatch.setattr(checkpoint, "fsync", record)
     tmp_path = tmp_path.resolve()
     out = tmp_path / "run"
     cfg, _ = config.load("smoke", ["rounds=1"])
