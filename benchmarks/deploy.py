@@ -115,7 +115,7 @@ def main() -> None:
                                 "node-auth": security.node_auth})
             if code != 0:
                 sys.exit(f"pfl's run failed; log:\n{dep.log('flwr-run').read_text(errors='replace')[-3000:]}")
-            pfl_served = served(dep, args.supernodes)
+            pfl_served = served(dep, args.supernodes) if not args.per_message else []
             row = first_row(tmp / "pfl")
             clients = int(row["clients"])
             bare_app = workdir / "bare-app"
@@ -126,7 +126,8 @@ def main() -> None:
                                      "config-bytes": len(config_path.read_text()) + 120,
                                      "out": str(tmp / "bare.json")}, "bare-run")
             pfl_waves = waves(dep.log("flwr-run"))
-            bare_served = [after[len(before):] for before, after in zip(pfl_served, served(dep, args.supernodes))]
+            bare_served = ([after[len(before):] for before, after in zip(pfl_served, served(dep, args.supernodes))]
+                           if not args.per_message else [])
             if not (tmp / "bare.json").is_file():
                 sys.exit(f"the bare Flower run wrote no timings; its log:\n"
                          f"{dep.log('bare-run').read_text(errors='replace')[-3000:]}")

@@ -14,6 +14,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+MAX_LOOPBACK_SUPERNODES = 64  # pfl deploy: SuperNodes on this one machine
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Model-heterogeneous personalized federated learning: pFedLoRA and baselines.")
 console = Console()
@@ -273,8 +275,9 @@ def deploy(
 
     try:
         cfg, _source = config.load(recipe, (set_ or []) + ["engine=flower"], seed)
-        if supernodes < 1:
-            raise PflUserError(f"--supernodes: must be >= 1, got {supernodes}")
+        if not 1 <= supernodes <= MAX_LOOPBACK_SUPERNODES:
+            raise PflUserError(f"--supernodes: must be 1..{MAX_LOOPBACK_SUPERNODES} (each SuperNode is two processes "
+                               f"on this machine; more nodes: `pfl supernode` on other hosts), got {supernodes}")
         target = out or Path("runs") / f"{cfg.name}-{cfg.method}-deploy-{datetime.now():%Y%m%d-%H%M%S}"
         rundir.prepare_output(target)
         run_mod.check_engine(cfg, run_mod.Hardware(accelerator, 1, precision), simulated=False)
