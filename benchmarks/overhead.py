@@ -13,6 +13,7 @@ pfl adds Lightning (its Fabric loop calling the module's hooks), the store, samp
     python benchmarks/overhead.py --recipe fmnist-xdevice --rounds 10 --threads 1   # cross-device: 50 small clients
     python benchmarks/overhead.py --recipe smoke --rounds 2
     python benchmarks/overhead.py --memory              # peak RSS of each side, each alone in a subprocess
+    python benchmarks/overhead.py --accelerator gpu --resident on --precision bf16-mixed   # on a GPU
 
 Prints per-round seconds for both, the ratio of the medians, and the median of the per-round (paired)
 ratios pfl / plain, which is the figure least moved by a noisy machine (targets: <= 1.10 on fmnist, the
@@ -42,8 +43,10 @@ from pfl.federation.engine import sample_clients
 from pfl.seeding import derive_seed
 
 
-def plain_round(cfg, setup, states: dict, global_adapter: dict, round_idx: int, models: dict) -> dict:
-    """One pFedLoRA round written directly in PyTorch: the reference."""
+def plain_round(cfg, setup, states: dict, global_adapter: dict, round_idx: int, models: dict,
+                device: torch.device = torch.device("cpu")) -> dict:
+    """One pFedLoRA round written directly in PyTorch, float32 on `device` (states stay on the CPU, each batch
+    is moved when it is used): the reference."""
     uploads, sizes = [], []
     for k in sample_clients(cfg.num_clients, cfg.participation, cfg.seed, round_idx):
         module = models[setup.architectures[k]]
@@ -65,6 +68,7 @@ def plain_round(cfg, setup, states: dict, global_adapter: dict, round_idx: int, 
             batches = TensorBatches(data.x_train, data.y_train, cfg.batch_size, True, derive_seed(seed, phase, "order"))
             for _ in range(epochs):
                 for x, y in batches:
+                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                     x = setup.algorithm.spec.transform(x, train=True)
                     if phase == "local":
                         h = module.model.phi(x)
@@ -95,6 +99,10 @@ def main() -> None:
     parser.add_argument("--side", choices=("both", "pfl", "plain"), default="both",
                         help="run only one side (used by --memory)")
     parser.add_argument("--memory", action="store_true", help="compare peak RSS, each side in a subprocess")
+    parser.add_argument("--accelerator", choices=("cpu", "gpu"), default="cpu", help="where both sides train")
+    parser.add_argument("--precision", default="32-true", help="pfl's Lightning precision (the plain side: float32)")
+    parser.add_argument("--resident", choices=("on", "off"), default="off",
+                        help="pfl keeps client data and states on the device (the plain side never does)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -105,18 +113,22 @@ def main() -> None:
     total_rounds = args.warmup + args.rounds
     cfg, _ = config.load(args.recipe, args.overrides + [f"rounds={total_rounds}", f"eval_every={10**6}"])
     setup = build(cfg)
-    run = FederatedRun.local(cfg, setup.clients, setup.architectures, setup.algorithm, MemoryStore(),
-                             make_runner("cpu", 1, "32-true", cfg.grad_clip))
+    runner = make_runner(args.accelerator, 1, args.precision, cfg.grad_clip)
+    device = runner.device
+    resident = args.resident == "on"
+    clients = [c.to(device) for c in setup.clients] if resident else setup.clients
+    run = FederatedRun.local(cfg, clients, setup.architectures, setup.algorithm,
+                             MemoryStore(device if resident else "cpu"), runner)
     run.initialise()
-    plain_states = {k: dict(run.workers.store.get(k)) for k in range(cfg.num_clients)}
-    plain_global = dict(run.state.global_state)
-    plain_models = {} if args.side == "pfl" else {arch: setup.algorithm.make_client(arch)
+    plain_states = {k: cpu_clone(run.workers.store.get(k)) for k in range(cfg.num_clients)}
+    plain_global = cpu_clone(run.state.global_state)
+    plain_models = {} if args.side == "pfl" else {arch: setup.algorithm.make_client(arch).to(device)
                                                   for arch in set(setup.architectures)}
 
     if args.side != "both":
         for r in range(1, total_rounds + 1):
             if args.side == "plain":
-                plain_global = plain_round(cfg, setup, plain_states, plain_global, r, plain_models)
+                plain_global = plain_round(cfg, setup, plain_states, plain_global, r, plain_models, device)
             else:
                 run.run_round()
         print(f"peak_rss_mib {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.1f}")
@@ -124,7 +136,7 @@ def main() -> None:
 
     def timed_plain(r: int, global_adapter: dict) -> tuple[float, dict]:
         started = time.perf_counter()
-        new_global = plain_round(cfg, setup, plain_states, global_adapter, r, plain_models)
+        new_global = plain_round(cfg, setup, plain_states, global_adapter, r, plain_models, device)
         return time.perf_counter() - started, new_global
 
     def timed_pfl(r: int) -> float:
@@ -147,11 +159,13 @@ def main() -> None:
             plain_times.append(plain_s)
             ratios.append(pfl_s / plain_s)
 
-    drift = max((run.state.global_state[n] - plain_global[n]).abs().max().item() for n in plain_global)
+    drift = max((run.state.global_state[n].cpu().float() - plain_global[n].cpu()).abs().max().item()
+                for n in plain_global)
     pfl_med, plain_med = statistics.median(pfl_times), statistics.median(plain_times)
     per_round = len(sample_clients(cfg.num_clients, cfg.participation, cfg.seed, 1))
     print(f"\nrecipe {args.recipe}: {cfg.num_clients} clients x K={per_round} "
-          f"per round, {torch.get_num_threads()} torch threads")
+          f"per round, {torch.get_num_threads()} torch threads; {device}, pfl at {args.precision}, "
+          f"resident {args.resident}")
     print(f"median seconds per round: pfl {pfl_med:.3f}, plain PyTorch {plain_med:.3f}")
     print(f"ratio of medians pfl / plain: {pfl_med / plain_med:.3f}")
     print(f"median of per-round ratios: {statistics.median(ratios):.3f} (min {min(ratios):.3f}, "
@@ -165,6 +179,7 @@ def compare_memory(args) -> None:
         cmd = [sys.executable, __file__, "--recipe", args.recipe, "--rounds", str(args.rounds), "--warmup", "0",
                "--side", side] + [f"--set={o}" for o in args.overrides]
         cmd += ["--threads", str(args.threads)] if args.threads else []
+        cmd += ["--accelerator", args.accelerator, "--precision", args.precision, "--resident", args.resident]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0 or "peak_rss_mib" not in proc.stdout:
             sys.exit(f"--side {side} failed:\n{proc.stderr[-2000:]}")

@@ -204,6 +204,13 @@ def test_bad_flower_input_exits_2_with_one_line_and_starts_nothing(tmp_path, arg
 
 # ---------------------------------------------------------------- deployment
 
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
 def _deployed_supernode(deploy_pid: int, partition: int) -> int:
     for pid in descendants(deploy_pid):
         try:
@@ -246,11 +253,12 @@ def test_deployment_survives_a_killed_supernode_and_equals_the_local_engine(tmp_
         cmd += ["--set", f"{key}={value}"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
                             env={**os.environ, "COLUMNS": "200"})
-    lines, killed = [], False
+    lines, killed, commands = [], False, []
     try:
         for line in proc.stdout:
             lines.append(line)
             if not killed and "pfl: round 1:" in line:
+                commands = [_cmdline(pid) for pid in descendants(proc.pid)]
                 os.kill(_deployed_supernode(proc.pid, 1), signal.SIGKILL)
                 killed = True
         proc.wait(timeout=600)
@@ -260,6 +268,15 @@ def test_deployment_survives_a_killed_supernode_and_equals_the_local_engine(tmp_
     text = "".join(lines)
     assert proc.returncode == 0, text[-3000:]
     assert killed, text[-3000:]
+    # secure by default: the real SuperLink and SuperNodes run with TLS and node keys, none with --insecure
+    superlink = [c for c in commands if "flower-superlink" in c]
+    supernodes = [c for c in commands if "flower-supernode" in c]
+    assert len(superlink) == 1 and len(supernodes) == 2, commands
+    assert not any("--insecure" in c for c in superlink + supernodes), commands
+    assert all(f in superlink[0] for f in ("--ssl-certfile", "--ssl-keyfile", "--enable-supernode-auth"))
+    assert all("--root-certificates" in c and "--auth-supernode-private-key" in c for c in supernodes)
+    assert json.loads((out / "summary.json").read_text())["deployment"] == \
+        {"tls": True, "node_auth": True, "supernodes": 2}
     assert "in the busiest ClientApp" in text  # each round's message timing is reported
     assert "messages: train + evaluate " in text and "evaluate test" not in text  # one wave per round
     rows = read_rows(out / "metrics.csv")
