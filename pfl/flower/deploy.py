@@ -365,9 +365,11 @@ def flwr_home(directory: Path, address: str, security: Security, name: str = "pf
     return directory
 
 
-def _until_stopped(processes: dict[str, subprocess.Popen], main: str) -> int:
-    """Wait until process `main` exits or this process gets SIGTERM / SIGINT; then stop every descendant.
-    Returns `main`'s exit code (0 when stopped by a signal)."""
+def _until_stopped(processes: dict[str, subprocess.Popen], main: str, on_ready=None) -> int:
+    """Call `on_ready` (if any), then wait until process `main` exits or this process gets SIGTERM / SIGINT;
+    then stop every descendant. Returns `main`'s exit code (0 when stopped by a signal)."""
+    if on_ready is not None:
+        on_ready()
     stopped = []
 
     def handler(signum, frame):
@@ -423,9 +425,7 @@ def run_superlink(host: str, port: int, security: Security, register: list[Path]
         _wait_for_port(port, processes["superlink"], 60, "the SuperLink", Path("(its output above)"), host=dial)
         for public in register:
             register_node(public, "pfl", env)
-        if on_ready is not None:
-            on_ready()
-        return _until_stopped(processes, "superlink")
+        return _until_stopped(processes, "superlink", on_ready)
     finally:
         if processes:
             stop_all_descendants()
@@ -457,9 +457,7 @@ def run_supernode(superlink: str, partition: int, partitions: int, security: Sec
             processes["clientapp"] = subprocess.Popen(
                 warm_command(runtime_port, processes["supernode"].pid, secret), env=env, stdin=subprocess.DEVNULL,
                 cwd=state_dir)
-        if on_ready is not None:
-            on_ready()
-        return _until_stopped(processes, "supernode")
+        return _until_stopped(processes, "supernode", on_ready)
     finally:
         if processes:
             stop_all_descendants()
