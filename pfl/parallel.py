@@ -231,7 +231,7 @@ def run_all(specs: list[RunSpec], hw: Hardware, resources: Resources,
 
 def _ray_task(spec: RunSpec, hw: Hardware, threads: int, queue) -> RunOutcome:
     """The body of a Ray task: one run, its progress events sent back through a Ray queue."""
-    from pfl.federation.engine import quiet_lightning
+    from pfl.federation.client import quiet_lightning
 
     quiet_lightning()
     return execute_run(spec, hw, threads, lambda event: queue.put_nowait(event))

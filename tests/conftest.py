@@ -11,7 +11,7 @@ import pytest
 os.environ.setdefault("PYTHONHASHSEED", "0")
 
 from pfl import config
-from pfl.federation.engine import quiet_lightning
+from pfl.federation.client import quiet_lightning
 
 quiet_lightning()
 

@@ -42,13 +42,14 @@ def one_client_round(cfg):
     torch.manual_seed(0)
     global_state = algo.initial_global()
     module = algo.make_client(arch)
+    module.data = clients[0]
     download = algo.download(global_state, 0)
     module.receive(download)
     before = {n: p.detach().clone() for n, p in module.named_parameters()}
     runner = make_runner(grad_clip=cfg.grad_clip)
     runner.fit_phases(module, clients[0], cfg.batch_size, seed=1, arch=arch)
     changed = {n for n, p in module.named_parameters() if not torch.equal(before[n], p.detach())}
-    upload = module.upload(clients[0].x_train, clients[0].y_train)
+    upload = module.upload()
     return algo, module, clients[0], download, changed, upload, global_state
 
 
@@ -121,7 +122,7 @@ def test_fedproto_loss_is_ce_plus_lambda_mse_to_the_global_prototype_of_known_cl
     full = torch.zeros(C, D)
     full[[0, 2]] = protos
     expected = F.cross_entropy(m.model.head(h), y) + 0.7 * F.mse_loss(h[known], full[y[known]])
-    assert torch.allclose(m.phase_loss("local", x, y), expected, atol=1e-6)
+    assert torch.allclose(m.phase_named("local").loss(x, y), expected, atol=1e-6)
 
 
 def test_fml_loss_is_mutual_learning_with_alpha_and_beta(make_cfg):
@@ -134,7 +135,7 @@ def test_fml_loss_is_mutual_learning_with_alpha_and_beta(make_cfg):
     kl_m_l = (pm * (pm.log() - pl.log())).sum(1).mean()  # KL(meme || local)
     kl_l_m = (pl * (pl.log() - pm.log())).sum(1).mean()
     expected = 0.3 * F.cross_entropy(zl, y) + 0.7 * kl_m_l + 0.8 * F.cross_entropy(zm, y) + 0.2 * kl_l_m
-    assert torch.allclose(m.phase_loss("mutual", x, y), expected, atol=1e-5)
+    assert torch.allclose(m.phase_named("mutual").loss(x, y), expected, atol=1e-5)
 
 
 def test_weighted_mean_methods_aggregate_to_the_hand_computed_mean(make_cfg):

@@ -49,7 +49,7 @@ def test_a_training_step_costs_forward_plus_backward_and_leaves_no_trace(make_cf
     forward, first_conv = cnn1_forward_flops(4)
     # backward: weight gradients (= forward) everywhere, input gradients (= forward) everywhere except the
     # first convolution, whose input (the image) needs none
-    assert step_flops(module, "local", x, y) == 3 * forward - first_conv
+    assert step_flops(module, x, y) == 3 * forward - first_conv
     assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())
     assert all(p.grad is None for p in module.parameters())
 
@@ -57,7 +57,7 @@ def test_a_training_step_costs_forward_plus_backward_and_leaves_no_trace(make_cf
 def test_flop_meter_counts_full_and_partial_batches(make_cfg):
     module = _standalone_module(make_cfg)
     x, y = torch.randint(0, 256, (10, 1, 28, 28), dtype=torch.uint8), torch.arange(10) % 10
-    per_sample = step_flops(module, "local", x[:1], y[:1])
+    per_sample = step_flops(module, x[:1], y[:1])
     meter = FlopMeter()
     assert meter.phase_flops(module, "cnn1", "local", 2, x, y, [4, 4, 2]) == 2 * 10 * per_sample
 

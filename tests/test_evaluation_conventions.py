@@ -24,7 +24,7 @@ def _by_hand(algo, clients, archs, store, predict):
     for k, client in enumerate(clients):
         module = algo.make_client(archs[k])
         module.load_private_state(store.get(k))
-        module.train_labels = client.y_train
+        module.data = client
         module.eval()
         with torch.no_grad():
             x = module.transform(client.x_test, train=False)

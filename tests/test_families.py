@@ -6,6 +6,7 @@ import torch
 
 from pfl.algorithms import ALGORITHMS, TaskSpec
 from pfl.data import BatchTransform
+from pfl.data.partition import ClientData
 from pfl.models import MODEL_REGISTRY, ZOOS
 
 SHAPE, CLASSES = (1, 16, 16), 4
@@ -27,24 +28,24 @@ def _payload_shapes(make_cfg, method: str, arch: str) -> tuple[dict, dict]:
     m = algo.make_client(arch)
     x = torch.randint(0, 256, (4, *SHAPE), dtype=torch.uint8)
     y = torch.tensor([0, 1, 2, 1])
-    m.train_labels = y
+    m.data = ClientData(0, x, y, x[:0], y[:0])
     m.start(algo.download(g, 0))
     for phase in m.phases():
-        m.set_phase(phase.name)
+        m.set_phase(phase)
         m.on_train_start()
         m.on_train_epoch_start()
         optimiser = m.configure_optimizers()
-        loss = m.phase_loss(phase.name, m.transform(x, train=True), y)
+        loss = phase.loss(m.transform(x, train=True), y)
         assert torch.isfinite(loss), (method, arch, phase.name)
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(m.parameters(), cfg.grad_clip)  # as the engine's runner does
         assert torch.isfinite(norm), (method, arch, phase.name)
         optimiser.step()
-        m.after_step(phase.name)
+        m.on_train_batch_end(loss, None, 0)
     m.eval()
     with torch.no_grad():
         assert m.predict(m.transform(x, train=False)).shape == (4, CLASSES)
-    upload = m.upload(x, y)
+    upload = m.upload()
     from pfl.algorithms.base import Upload
 
     assert algo.upload_problem(Upload(0, 4, upload), g) is None, (method, arch)

@@ -11,6 +11,7 @@ from pfl.algorithms import ALGORITHMS, Upload
 from pfl.algorithms.base import payload_params
 from pfl.algorithms.fedssa import fusion_weight
 from pfl.algorithms.fedtgp import adaptive_margin, class_gaps, margin_loss
+from pfl.data.partition import ClientData
 from pfl.models import build_model, count_parameters
 
 
@@ -46,7 +47,7 @@ def test_fd_loss_distils_to_the_softmax_of_known_class_logits_and_uploads_traini
     m.on_train_start()
     x, y = _batch()
     z = m.model(x).detach()
-    loss = m.phase_loss("local", x, y)
+    loss = m.phase_named("local").loss(x, y)
     full = torch.zeros(C, C)
     full[[1, 3]] = targets
     has = (y == 1) | (y == 3)
@@ -54,8 +55,8 @@ def test_fd_loss_distils_to_the_softmax_of_known_class_logits_and_uploads_traini
     assert torch.allclose(loss, F.cross_entropy(z, y) + 0.3 * distill, atol=1e-5)
     x2, y2 = _batch(4, seed=1)
     z2 = m.model(x2).detach()
-    m.phase_loss("local", x2, y2)
-    up = m.upload(None, None)
+    m.phase_named("local").loss(x2, y2)
+    up = m.upload()
     zs, ys = torch.cat([z, z2]), torch.cat([y, y2])
     assert up["labels"].tolist() == sorted(set(ys.tolist()))
     for c, row in zip(up["labels"], up["logits"]):
@@ -104,12 +105,12 @@ def test_fedtgp_client_loss_and_nearest_prototype_inference(make_cfg):
     m = algo.make_client("cnn1")
     x, y = _batch()
     m.receive({})  # before the first server step: CE only
-    assert torch.allclose(m.phase_loss("local", x, y), F.cross_entropy(m.model(x), y), atol=1e-6)
+    assert torch.allclose(m.phase_named("local").loss(x, y), F.cross_entropy(m.model(x), y), atol=1e-6)
     protos = torch.randn(C, D)
     m.receive({"protos": protos})
     r = m.model.phi(x)
     expected = F.cross_entropy(m.model.head(r), y) + 2.0 * F.mse_loss(r, protos[y])
-    assert torch.allclose(m.phase_loss("local", x, y), expected, atol=1e-5)
+    assert torch.allclose(m.phase_named("local").loss(x, y), expected, atol=1e-5)
     distances = ((r[:, None, :] - protos[None]) ** 2).sum(-1)
     assert torch.equal(m.predict(x).argmax(1), distances.argmin(1))
 
@@ -123,7 +124,7 @@ def test_fedmrl_nested_representation_loss_and_weighted_mean(make_cfg):
     r = m.projector(torch.cat([m.small.phi(x), m.model.phi(x)], 1))
     assert r.shape == (6, D)
     expected = F.cross_entropy(m.model.head(r), y) + F.cross_entropy(m.small.head(r[:, :100]), y)
-    assert torch.allclose(m.phase_loss("local", x, y), expected, atol=1e-6)
+    assert torch.allclose(m.phase_named("local").loss(x, y), expected, atol=1e-6)
     assert torch.equal(m.predict(x), m.model.head(r))
     g = algo.initial_global()
     a = {k: torch.full_like(v, 1.0) for k, v in g.items()}
@@ -151,8 +152,8 @@ def test_pfedes_extractor_keeps_the_shape_and_its_two_phase_losses(make_cfg):
     x, y = _batch()
     assert m.extractor(x).shape == x.shape
     expected = 0.7 * F.cross_entropy(m.model(x), y) + 0.3 * F.cross_entropy(m.model(m.extractor(x)), y)
-    assert torch.allclose(m.phase_loss("local", x, y), expected, atol=1e-6)
-    assert torch.allclose(m.phase_loss("extractor", x, y), F.cross_entropy(m.model(m.extractor(x)), y), atol=1e-6)
+    assert torch.allclose(m.phase_named("local").loss(x, y), expected, atol=1e-6)
+    assert torch.allclose(m.phase_named("extractor").loss(x, y), F.cross_entropy(m.model(m.extractor(x)), y), atol=1e-6)
     assert torch.equal(m.predict(x), m.model(x))  # inference on the raw input
     g = algo.initial_global()
     out = algo.aggregate(g, [Upload(0, 1, {k: torch.zeros_like(v) for k, v in g.items()}),
@@ -185,7 +186,8 @@ def test_fedssa_client_fuses_owned_rows_with_a_decaying_weight(make_cfg):
     assert fusion_weight(algo.settings, 0) == 0.5 and fusion_weight(algo.settings, 3) == 0.0
     assert fusion_weight(algo.settings, 1) == pytest.approx(0.5 * math.cos(math.pi / 4))
     m = algo.make_client("cnn1")
-    m.train_labels = torch.tensor([0, 1, 1, 0])
+    m.data = ClientData(0, torch.zeros(4, 1, 16, 16, dtype=torch.uint8), torch.tensor([0, 1, 1, 0]),
+                        torch.zeros(0, 1, 16, 16, dtype=torch.uint8), torch.zeros(0, dtype=torch.int64))
     local_w, local_b = m.model.head.weight.detach().clone(), m.model.head.bias.detach().clone()
     gw, gb = torch.randn(C, D), torch.randn(C)
     m.receive({"weight": gw, "bias": gb, "round": torch.tensor(0)})
@@ -202,31 +204,32 @@ def test_pfedafm_mixing_clamp_and_inference_with_the_received_extractor(make_cfg
     m = algo.make_client("cnn2")
     x, y = _batch()
     with torch.no_grad():
-        m.alpha.fill_(1.0)
+        m.mix.alpha.fill_(1.0)
         assert torch.allclose(m(x), m.model.head(m.model.phi(x)), atol=1e-6)
-        m.alpha.fill_(0.0)
-        assert torch.allclose(m(x), m.model.head(m.shared(x)), atol=1e-6)
-        m.alpha.fill_(1.0)
-    assert torch.allclose(m.phase_loss("shared", x, y), F.cross_entropy(m.model.head(m.shared(x)), y))
+        m.mix.alpha.fill_(0.0)
+        assert torch.allclose(m(x), m.model.head(m.received(x)), atol=1e-6)
+        m.mix.alpha.fill_(1.0)
+    assert torch.allclose(m.phase_named("shared").loss(x, y), F.cross_entropy(m.model.head(m.shared(x)), y))
     # one "local" step with a huge alpha learning rate: alpha stays in [0, 1]
     m.set_phase("local")
     optimiser = m.configure_optimizers()
     assert [g["lr"] for g in optimiser.param_groups] == [m.cfg.lr, 1000.0]
-    m.phase_loss("local", x, y).backward()
+    loss = m.phase_named("local").loss(x, y)
+    loss.backward()
     optimiser.step()
-    m.after_step("local")
-    alpha = m.alpha.detach()
+    m.on_train_batch_end(loss, None, 0)  # the phase's after-step projection, as the engine calls it
+    alpha = m.mix.alpha.detach()
     assert float(alpha.min()) >= 0.0 and float(alpha.max()) <= 1.0 and float(alpha.min()) < 1.0
     # inference uses phi_S as received, not the one trained in the "shared" phase
     g = algo.initial_global()
     m.receive(g)
     m.set_phase("shared")
     optimiser = m.configure_optimizers()
-    m.phase_loss("shared", x, y).backward()
+    m.phase_named("shared").loss(x, y).backward()
     optimiser.step()
     state = m.private_state()
     assert all(torch.equal(state[k], v) for k, v in g.items())
-    assert not all(torch.equal(m.upload(None, None)[k], v) for k, v in g.items())
+    assert not all(torch.equal(m.upload()[k], v) for k, v in g.items())
     out = algo.aggregate(g, [Upload(0, 1, {k: torch.zeros_like(v) for k, v in g.items()}),
                              Upload(1, 1, {k: torch.full_like(v, 2.0) for k, v in g.items()})])
     assert all(torch.allclose(v, torch.full_like(v, 1.0)) for v in out.values())
@@ -242,25 +245,26 @@ def test_each_phase_changes_exactly_its_parameters(make_cfg, method):
     algo = _algo(make_cfg, method)
     arch = "cnn1" if method == "fedavg" else "cnn2"
     m = algo.make_client(arch)
-    m.train_labels = torch.arange(8) % C
-    m.start(algo.download(algo.initial_global(), 0))
     x, y = _batch(8)
+    m.data = ClientData(0, x, torch.arange(8) % C, x[:0], y[:0])
+    m.start(algo.download(algo.initial_global(), 0))
     names = {id(p): n for n, p in m.named_parameters()}
     for phase in m.phases():
-        m.set_phase(phase.name)
-        trainable = {names[id(p)] for p in m.trainable_parameters(phase.name)}
+        m.set_phase(phase)
+        trainable = {names[id(p)] for p in phase.parameters()}
         before = {n: p.detach().clone() for n, p in m.named_parameters()}
         optimiser = m.configure_optimizers()
-        m.phase_loss(phase.name, x, y).backward()
+        loss = phase.loss(x, y)
+        loss.backward()
         optimiser.step()
-        m.after_step(phase.name)
+        m.on_train_batch_end(loss, None, 0)
         changed = {n for n, p in m.named_parameters() if not torch.equal(before[n], p.detach())}
         assert changed == trainable, (method, phase.name)
         optimiser.zero_grad()
     with pytest.raises(ValueError, match="no phase 'nonsense'"):
-        m.phase_loss("nonsense", x, y)
+        m.phase_named("nonsense").loss(x, y)
     with pytest.raises(ValueError, match="no phase 'nonsense'"):
-        m.trainable_parameters("nonsense")
+        m.set_phase("nonsense")
 
 
 # A malformed update of each method's payload, and the words its rejection must contain.
@@ -284,13 +288,13 @@ def test_upload_problem_rejects_malformed_updates_of_the_new_methods(make_cfg, m
     algo = _algo(make_cfg, method)
     g = algo.initial_global()
     m = algo.make_client("cnn3")
-    m.train_labels = torch.tensor([0, 1, 2, 1])
-    m.start(algo.download(g, 0))
     x, y = torch.randint(0, 256, (4, 1, 16, 16), dtype=torch.uint8), torch.tensor([0, 1, 2, 1])
-    m.set_phase(m.phases()[0].name)
+    m.data = ClientData(0, x, y, x[:0], y[:0])
+    m.start(algo.download(g, 0))
+    m.set_phase(m.phases()[0])
     m.on_train_start()
-    m.phase_loss(m.phases()[0].name, m.transform(x, train=False), y)
-    good = m.upload(x, y)
+    m.phase.loss(m.transform(x, train=False), y)
+    good = m.upload()
     assert algo.upload_problem(Upload(0, 4, good), g) is None
     for bad, words in _bad_uploads(method, good):
         problem = algo.upload_problem(Upload(0, 4, bad), g)

@@ -38,7 +38,7 @@ def test_adapter_has_lora_init_and_same_shape_for_all_five_cnns(make_cfg):
     cfg = make_cfg({"synthetic.num_classes": 10, "synthetic.image_shape": [3, 32, 32]})
     spec = TaskSpec((3, 32, 32), 10, 500, BatchTransform((0.5,) * 3, (0.25,) * 3, False))
     algo = ALGORITHMS["pfedlora"](cfg, spec)
-    shapes = {name: {k: tuple(v.shape) for k, v in algo.make_client(name).upload(None, None).items()}
+    shapes = {name: {k: tuple(v.shape) for k, v in algo.make_client(name).upload().items()}
               for name in CNN_SPECS}
     assert all(s == {"adapter.A": (8, 500), "adapter.B": (10, 8)} for s in shapes.values())
     a = LoRAAdapter(500, 10, rank=4, alpha=8)

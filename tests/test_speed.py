@@ -53,7 +53,7 @@ def test_lean_loop_step_for_step_equals_a_plain_pytorch_loop(make_cfg):
             plain.model.eval()
         for x, y in TensorBatches(data.x_train, data.y_train, cfg.batch_size, True, derive_seed(seed, phase, "order")):
             x = setup.algorithm.spec.transform(x, train=True)
-            loss = plain.phase_loss(phase, x, y)
+            loss = plain.phase_named(phase).loss(x, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)

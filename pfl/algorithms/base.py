@@ -1,15 +1,17 @@
 """The two faces of a federated method: a client LightningModule and a server step.
 
-An engine (the in-process loop today, Flower later) drives every method through this interface only:
+Every engine (local: in this process; flower: Flower messages) drives every method through this interface only:
 
-    module.load_private_state(store[k]); module.receive(algorithm.download(global_state, k))
-    for phase in module.phases():  module.set_phase(phase.name); runner.fit(module, batches, phase.epochs)
-    uploads.append(Upload(k, n_k, module.upload(x_k, y_k))); store[k] = module.private_state()
+    module.data = clients[k]; module.load_private_state(store[k])
+    module.receive(algorithm.download(global_state, k))
+    for phase in module.phases():  module.set_phase(phase); runner.fit(module, batches, phase.epochs)
+    uploads.append(Upload(k, n_k, module.upload())); store[k] = module.private_state()
     global_state = algorithm.aggregate(global_state, uploads)
 
 A method is one file: it declares its recipe keys as a frozen `Settings` dataclass, subclasses
-`ClientModule` and `Algorithm`, and registers itself with `@register`; the package imports every module in
-it, so nothing else is edited to add a method.
+`ClientModule` (its `phases()`: a few `Phase(...)` lines saying what trains on which loss) and `Algorithm`,
+and registers itself with `@register`; the package imports every module in it, so nothing else is edited
+to add a method (docs/architecture.md, "Write a method").
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
@@ -29,6 +31,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from pfl.algorithms.aggregation import Rule
 from pfl.data.batches import BatchTransform
+from pfl.data.partition import ClientData
 from pfl.schema import Config, Field, Tensors
 
 _KINDS = {int: "int", float: "float", str: "str", bool: "bool"}
@@ -68,12 +71,31 @@ class Settings:
         return cls(**values)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Phase:
-    """One training phase of a round: which parameters train, for how many epochs."""
+    """One training phase of a client's round, carrying everything that makes it differ from another phase:
+    what trains (modules or single parameters; everything else is frozen), on which loss, for how many
+    epochs; optionally its learning rate (default: the recipe's `lr`), parameters that train at their own
+    learning rate (optimiser parameter groups), a projection after every optimiser step, and frozen modules
+    that stay in eval mode while it trains (their batch-norm statistics and dropout stay untouched).
+
+    Every phase gets a fresh SGD optimiser (the recipe's momentum and weight decay) in every client round."""
 
     name: str
     epochs: int
+    trains: Sequence[nn.Module | nn.Parameter]
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x, y) on the device -> scalar loss
+    lr: float | None = None
+    own_lr: Sequence[tuple[nn.Parameter, float]] = ()
+    after_step: Callable[[], None] | None = None
+    eval_mode: Sequence[nn.Module] = ()
+
+    def parameters(self) -> list[nn.Parameter]:
+        """The trained parameters, in the order of `trains`."""
+        out: list[nn.Parameter] = []
+        for part in self.trains:
+            out.extend([part] if isinstance(part, nn.Parameter) else part.parameters())
+        return out
 
 
 @dataclass(frozen=True)
@@ -198,8 +220,12 @@ def class_prototypes(model: nn.Module, transform: BatchTransform, x: torch.Tenso
 
 
 class ClientModule(L.LightningModule):
-    """Client side of a method. Subclasses say what trains in each phase, the phase's loss, and what
-    travels; this base class does freezing, optimiser set-up, on-device transforms and accuracy."""
+    """Client side of a method. A subclass declares its `phases` (what trains, on which loss), what it does
+    with what the server sends (`receive`) and what it sends back (`upload`); this base class does the
+    freezing, the optimiser, on-device transforms, private state and accuracy.
+
+    The engine loads one module per architecture with a client's `data` and private state, then
+    `receive`s, trains every phase, `upload`s and stores `private_state()`."""
 
     def __init__(self, model: nn.Module, cfg: Config, transform: BatchTransform, num_classes: int):
         super().__init__()
@@ -207,10 +233,10 @@ class ClientModule(L.LightningModule):
         self.cfg = cfg
         self.batch_transform = transform
         self.num_classes = num_classes
-        self.phase: str | None = None
-        # the labels of the client this module is loaded for (set by the engine with its private state), for
-        # methods that act on the classes the client holds (FedSSA)
-        self.train_labels: torch.Tensor | None = None
+        self.phase: Phase | None = None
+        # the client this module is loaded for (set by the engine with its private state): raw training, test
+        # and validation data, on the CPU, or on the device when the run keeps client data there (--resident)
+        self.data: ClientData | None = None
         self.val_accuracy = MulticlassAccuracy(num_classes=num_classes, average="micro")
         # where `keep` puts private-state copies: the CPU, or the device when the run keeps states there
         self.state_device = torch.device("cpu")
@@ -219,32 +245,43 @@ class ClientModule(L.LightningModule):
 
     # --- what a method defines -------------------------------------------------------------
     def phases(self) -> list[Phase]:
-        raise NotImplementedError
-
-    def trainable_parameters(self, phase: str) -> list[nn.Parameter]:
-        raise NotImplementedError
-
-    def phase_loss(self, phase: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The round's training phases, in order."""
         raise NotImplementedError
 
     def receive(self, payload: Tensors) -> None:
         """Load what the server sent this client."""
 
     def start(self, payload: Tensors) -> None:
-        """Set up a fresh client from the server's initial broadcast, before its first round. Default: receive
-        it (a method whose `receive` is a per-round update, not a load, overrides this)."""
+        """Extension point: set up a fresh client from the server's initial broadcast, before its first round.
+        Default: receive it. A method whose `receive` is a per-round update rather than a load (FedSSA's
+        fusion of head rows) overrides it."""
         self.receive(payload)
 
-    def upload(self, x_train: torch.Tensor, y_train: torch.Tensor) -> Tensors:
-        """What goes to the server after training. x_train, y_train: the client's training data (raw, on
-        the CPU), for methods whose upload summarises it (per-class prototypes)."""
+    def upload(self) -> Tensors:
+        """What goes to the server after training (methods whose upload summarises the client's training
+        data, such as per-class prototypes, read it from `self.data`)."""
         raise NotImplementedError
 
     def private_modules(self) -> dict[str, nn.Module]:
         """Modules besides `model` that are this client's own between rounds, by state-name prefix (pFedLoRA's
-        adapter, FedMRL's small model and projector). Default: none."""
+        adapter, FedMRL's small model and projector, pFedAFM's mixing weights). Default: none."""
         return {}
 
+    def prepare_eval(self, download: Tensors) -> None:
+        """Put the module in the configuration personalised evaluation uses, given what the server sends the
+        client now (default: as trained; a method evaluating with a global part loads it from `download`)."""
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Class scores for personalised evaluation (argmax = the prediction). Default: the logits of
+        `forward`; a method with another inference rule (nearest prototype) overrides it."""
+        return self(x)
+
+    def diagnostics(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+        """Method-specific measurements after a client's round, on a sample of its training data
+        (averaged over the round's clients into metrics.csv). Default: none."""
+        return {}
+
+    # --- shared machinery -------------------------------------------------------------------
     def keep(self, tensors: Tensors) -> Tensors:
         """Copies of `tensors` for the store, made on `state_device` (the CPU unless the run keeps client
         states on its device)."""
@@ -264,37 +301,6 @@ class ClientModule(L.LightningModule):
             own = outside(prefix, own)
         self.model.load_state_dict(own)
 
-    def prepare_eval(self, global_state: Tensors) -> None:
-        """Put the module in the configuration personalised evaluation uses (default: as trained)."""
-
-    def learning_rate(self, phase: str) -> float:
-        return self.cfg.lr
-
-    def optimizer(self, phase: str, params: list[nn.Parameter]) -> torch.optim.Optimizer:
-        """The phase's optimiser, fresh for every phase of every client round. Default: the recipe's SGD;
-        a method overrides it for its own learning rates or parameter groups."""
-        return torch.optim.SGD(params, lr=self.learning_rate(phase), momentum=self.cfg.momentum,
-                               weight_decay=self.cfg.weight_decay)
-
-    def after_step(self, phase: str) -> None:
-        """Called after every optimiser step (a projection such as a clamp). Default: nothing."""
-
-    def predict(self, x: torch.Tensor) -> torch.Tensor:
-        """Class scores for personalised evaluation (argmax = the prediction). Default: the logits of
-        `forward`; a method with another inference rule (nearest prototype) overrides it."""
-        return self(x)
-
-    def unknown_phase(self, phase: str) -> ValueError:
-        """The error for a phase name this method does not have (raise it; never fall into a branch)."""
-        return ValueError(f"{type(self).__name__} has no phase {phase!r}; its phases are "
-                          f"{', '.join(p.name for p in self.phases())}")
-
-    def diagnostics(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
-        """Method-specific measurements after a client's round, on a sample of its training data
-        (averaged over the round's clients into metrics.csv). Default: none."""
-        return {}
-
-    # --- shared machinery -------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
@@ -304,10 +310,17 @@ class ClientModule(L.LightningModule):
         out = self.batch_transform(x, train)
         return out if out.dtype == self.dtype else out.to(self.dtype)
 
-    def set_phase(self, phase: str) -> None:
+    def phase_named(self, name: str) -> Phase:
+        for phase in self.phases():
+            if phase.name == name:
+                return phase
+        raise ValueError(f"{type(self).__name__} has no phase {name!r}; its phases are "
+                         f"{', '.join(p.name for p in self.phases())}")
+
+    def set_phase(self, phase: Phase | str) -> None:
         """Freeze everything, then unfreeze exactly the phase's trainable parameters."""
-        self.phase = phase
-        trainable = {id(p) for p in self.trainable_parameters(phase)}
+        self.phase = self.phase_named(phase) if isinstance(phase, str) else phase
+        trainable = {id(p) for p in self.phase.parameters()}
         for p in self.parameters():
             p.requires_grad_(id(p) in trainable)
         self._loss_sum = torch.zeros(())
@@ -323,8 +336,12 @@ class ClientModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         # Lightning 2.6 keeps whatever mode modules are in; evaluation or a previous phase may have left
-        # them in eval mode. Phases that need frozen parts in eval mode set that in on_train_epoch_start.
+        # them in eval mode. The phase's frozen parts go back to eval mode in on_train_epoch_start.
         self.train()
+
+    def on_train_epoch_start(self) -> None:
+        for module in self.phase.eval_mode:
+            module.eval()
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         x, y = batch
@@ -332,40 +349,42 @@ class ClientModule(L.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch
-        loss = self.phase_loss(self.phase, x, y)
+        loss = self.phase.loss(x, y)
         # summed on the device: no host sync per step
         self._loss_sum = loss.detach().float() if self._loss_steps == 0 else self._loss_sum + loss.detach().float()
         self._loss_steps += 1
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self.after_step(self.phase)
+        if self.phase.after_step is not None:
+            self.phase.after_step()
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         x, y = batch
         self.val_accuracy.update(self.predict(x).argmax(dim=1), y)
 
-    def configure_optimizers(self):
-        params = [p for p in self.trainable_parameters(self.phase) if p.requires_grad]
-        return self.optimizer(self.phase, params)
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        """The phase's fresh SGD: its learning rate, and one parameter group per parameter with its own."""
+        phase = self.phase
+        params = [p for p in phase.parameters() if p.requires_grad]
+        lr = self.cfg.lr if phase.lr is None else phase.lr
+        own = {id(p): rate for p, rate in phase.own_lr}
+        groups: Any = params
+        if own:
+            groups = [{"params": [p for p in params if id(p) not in own]},
+                      *({"params": [p], "lr": own[id(p)]} for p in params if id(p) in own)]
+        return torch.optim.SGD(groups, lr=lr, momentum=self.cfg.momentum, weight_decay=self.cfg.weight_decay)
 
 
 class LocalClient(ClientModule):
-    """One phase, "local": the whole private model trains on CE. Methods that differ only in what they
-    receive and send (standalone, LG-FedAvg, FedAvg, FedGH), or add a term to the loss (FedProto), build on
-    this."""
+    """One phase, "local": the whole private model trains on `local_loss` (default CE). Methods that differ
+    only in what they receive and send (standalone, LG-FedAvg, FedAvg, FedGH), or add a term to the loss
+    (FedProto, FD, FedTGP), build on this."""
 
     def phases(self) -> list[Phase]:
-        return [Phase("local", self.cfg.local_epochs)]
+        return [Phase("local", self.cfg.local_epochs, trains=[self.model], loss=self.local_loss)]
 
-    def trainable_parameters(self, phase: str) -> list[nn.Parameter]:
-        if phase != "local":
-            raise self.unknown_phase(phase)
-        return list(self.model.parameters())
-
-    def phase_loss(self, phase: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if phase != "local":
-            raise self.unknown_phase(phase)
+    def local_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(self.model(x), y)
 
 

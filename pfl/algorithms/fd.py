@@ -63,9 +63,7 @@ class FDClient(LocalClient):
         self.logit_sums.zero_()
         self.logit_counts.zero_()
 
-    def phase_loss(self, phase: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if phase != "local":
-            raise self.unknown_phase(phase)
+    def local_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         z = self.model(x)
         with torch.no_grad():
             self.logit_sums.index_add_(0, y, z.detach().float())
@@ -75,7 +73,7 @@ class FDClient(LocalClient):
         distill = -(soft * F.log_softmax(z.float(), dim=1)).sum(dim=1)
         return F.cross_entropy(z, y) + self.lam * (distill * weight).sum() / weight.sum().clamp_min(1.0)
 
-    def upload(self, x_train, y_train) -> Tensors:
+    def upload(self) -> Tensors:
         present = torch.nonzero(self.logit_counts > 0).flatten()
         means = self.logit_sums[present] / self.logit_counts[present, None]
         return {"labels": present.cpu(), "logits": means.cpu()}

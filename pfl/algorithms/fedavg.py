@@ -18,11 +18,11 @@ class FedAvgClient(LocalClient):
     def receive(self, payload: Tensors) -> None:
         self.model.load_state_dict(payload)
 
-    def upload(self, x_train, y_train) -> Tensors:
+    def upload(self) -> Tensors:
         return cpu_clone(self.model.state_dict())
 
-    def prepare_eval(self, global_state: Tensors) -> None:
-        self.receive(global_state)
+    def prepare_eval(self, download: Tensors) -> None:
+        self.receive(download)
 
 
 @register

@@ -53,13 +53,14 @@ class FedGHClient(LocalClient):
         with torch.no_grad():
             self.model.head.load_state_dict(unprefixed("head", payload))
 
-    def upload(self, x_train, y_train) -> Tensors:
-        labels, protos, _ = class_prototypes(self.model, self.transform, x_train, y_train, self.num_classes)
+    def upload(self) -> Tensors:
+        labels, protos, _ = class_prototypes(self.model, self.transform, self.data.x_train, self.data.y_train,
+                                             self.num_classes)
         return {"labels": labels, "protos": protos}
 
-    def prepare_eval(self, global_state: Tensors) -> None:
+    def prepare_eval(self, download: Tensors) -> None:
         if self.settings.inference == "global":
-            self.receive(global_state)
+            self.receive(download)
 
 
 @register

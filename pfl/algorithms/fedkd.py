@@ -24,10 +24,12 @@ Personalised inference: the mentor.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from pfl.algorithms.aggregation import robust_mean
 from pfl.algorithms.base import (
@@ -38,7 +40,6 @@ from pfl.algorithms.base import (
     Tensors,
     Upload,
     cpu_clone,
-    outside,
     prefixed,
     register,
     setting,
@@ -94,23 +95,16 @@ def energy_at(settings: FedKDSettings, round_idx: int, rounds: int) -> float:
 
 
 class FedKDClient(ClientModule):
-    def __init__(self, model, mentee, cfg, transform, num_classes: int, settings: FedKDSettings):
+    def __init__(self, model, mentee, reference, cfg, transform, num_classes: int, settings: FedKDSettings):
         super().__init__(model, cfg, transform, num_classes)
         self.mentee = mentee
-        self.reference: Tensors = cpu_clone(mentee.state_dict())  # this client's copy of the global mentee
+        self.reference = reference  # this client's copy of the global mentee (never trained)
         self.energy = settings.energy_start
 
     def phases(self) -> list[Phase]:
-        return [Phase("distill", self.cfg.local_epochs)]
+        return [Phase("distill", self.cfg.local_epochs, trains=[self.model, self.mentee], loss=self.distill_loss)]
 
-    def trainable_parameters(self, phase: str):
-        if phase != "distill":
-            raise self.unknown_phase(phase)
-        return list(self.model.parameters()) + list(self.mentee.parameters())
-
-    def phase_loss(self, phase: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if phase != "distill":
-            raise self.unknown_phase(phase)
+    def distill_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         h_t, h_s = self.model.phi(x), self.mentee.phi(x)
         z_t, z_s = self.model.head(h_t), self.mentee.head(h_s)
         ce_t, ce_s = F.cross_entropy(z_t, y), F.cross_entropy(z_s, y)
@@ -123,24 +117,19 @@ class FedKDClient(ClientModule):
         self.energy = float(payload["energy"])
         full = unprefixed("mentee", payload)
         if full:
-            self.reference = {k: v.clone() for k, v in full.items()}
+            self.reference.load_state_dict(full)
         else:
-            shapes = {k: v.shape for k, v in self.reference.items()}
-            update = decompress(unprefixed("update", payload), shapes)
-            self.reference = {k: self.reference[k] + update[k] for k in shapes}
-        self.mentee.load_state_dict(self.reference)
+            reference = cpu_clone(self.reference.state_dict())
+            update = decompress(unprefixed("update", payload), {k: v.shape for k, v in reference.items()})
+            self.reference.load_state_dict({k: reference[k] + update[k] for k in reference})
+        self.mentee.load_state_dict(self.reference.state_dict())
 
-    def upload(self, x_train, y_train) -> Tensors:
-        trained = cpu_clone(self.mentee.state_dict())
-        delta = {k: trained[k] - self.reference[k] for k in trained}
-        return prefixed("update", compress(delta, self.energy))
+    def upload(self) -> Tensors:
+        trained, reference = cpu_clone(self.mentee.state_dict()), cpu_clone(self.reference.state_dict())
+        return prefixed("update", compress({k: trained[k] - reference[k] for k in trained}, self.energy))
 
-    def private_state(self) -> Tensors:
-        return {**self.keep(self.model.state_dict()), **self.keep(prefixed("reference", self.reference))}
-
-    def load_private_state(self, state: Tensors) -> None:
-        self.model.load_state_dict(outside("reference", state))
-        self.reference = unprefixed("reference", state)
+    def private_modules(self) -> dict[str, nn.Module]:
+        return {"reference": self.reference}
 
 
 @register
@@ -158,8 +147,9 @@ class FedKD(Algorithm):
                               f"({settings.energy_start}), got {settings.energy_end}")
 
     def make_client(self, arch: str) -> FedKDClient:
-        return FedKDClient(self.private_model(arch), self.private_model(self.settings.shared_model), self.cfg,
-                           self.spec.transform, self.spec.num_classes, self.settings)
+        model, mentee = self.private_model(arch), self.private_model(self.settings.shared_model)
+        return FedKDClient(model, mentee, copy.deepcopy(mentee), self.cfg, self.spec.transform,
+                           self.spec.num_classes, self.settings)
 
     def initial_global(self) -> Tensors:
         mentee = cpu_clone(self.private_model(self.settings.shared_model).state_dict())

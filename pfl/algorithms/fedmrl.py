@@ -57,12 +57,8 @@ class FedMRLClient(ClientModule):
         self.small_dim = small.representation_dim
 
     def phases(self) -> list[Phase]:
-        return [Phase("local", self.cfg.local_epochs)]
-
-    def trainable_parameters(self, phase: str):
-        if phase != "local":
-            raise self.unknown_phase(phase)
-        return [*self.model.parameters(), *self.small.parameters(), *self.projector.parameters()]
+        return [Phase("local", self.cfg.local_epochs, trains=[self.model, self.small, self.projector],
+                      loss=self.nested_loss)]
 
     def representation(self, x: torch.Tensor) -> torch.Tensor:
         return self.projector(torch.cat([self.small.phi(x), self.model.phi(x)], dim=1))
@@ -70,16 +66,14 @@ class FedMRLClient(ClientModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.head(self.representation(x))
 
-    def phase_loss(self, phase: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if phase != "local":
-            raise self.unknown_phase(phase)
+    def nested_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         r = self.representation(x)
         return F.cross_entropy(self.model.head(r), y) + F.cross_entropy(self.small.head(r[:, :self.small_dim]), y)
 
     def receive(self, payload: Tensors) -> None:
         self.small.load_state_dict(unprefixed("small", payload))
 
-    def upload(self, x_train, y_train) -> Tensors:
+    def upload(self) -> Tensors:
         return cpu_clone(prefixed("small", self.small.state_dict()))
 
     def private_modules(self) -> dict[str, nn.Module]:

@@ -61,9 +61,7 @@ class FedProtoClient(LocalClient):
         self.global_protos[labels] = payload["protos"].to(self.global_protos)
         self.known[labels] = 1.0
 
-    def phase_loss(self, phase: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if phase != "local":
-            raise self.unknown_phase(phase)
+    def local_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         h = self.model.phi(x)
         ce = F.cross_entropy(self.model.head(h), y)
         # per-sample MSE, averaged over the samples whose class has a prototype (no host sync)
@@ -71,17 +69,18 @@ class FedProtoClient(LocalClient):
         per_sample = (h.float() - self.global_protos[y]).pow(2).mean(dim=1)
         return ce + self.lam * (per_sample * weight).sum() / weight.sum().clamp_min(1.0)
 
-    def prepare_eval(self, global_state: Tensors) -> None:
+    def prepare_eval(self, download: Tensors) -> None:
         if self.settings.inference == "prototype":
-            self.receive(global_state)  # the current global prototypes (only buffers change)
+            self.receive(download)  # the current global prototypes (only buffers change)
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         if self.settings.inference == "prototype":
             return nearest_prototype_scores(self.model.phi(x), self.global_protos, self.known)
         return self(x)
 
-    def upload(self, x_train, y_train) -> Tensors:
-        labels, protos, counts = class_prototypes(self.model, self.transform, x_train, y_train,
+    def upload(self) -> Tensors:
+        data = self.data
+        labels, protos, counts = class_prototypes(self.model, self.transform, data.x_train, data.y_train,
                                                   self.num_classes)
         return {"labels": labels, "protos": protos, "counts": counts}
 

@@ -55,9 +55,8 @@ class FedSSAClient(LocalClient):
         self.settings = settings
 
     def owned_classes(self) -> torch.Tensor:
-        if self.train_labels is None:
-            raise RuntimeError("FedSSA needs the client's training labels (ClientModule.train_labels)")
-        return torch.unique(self.train_labels)
+        """C_k: the classes of the client's training data."""
+        return torch.unique(self.data.y_train)
 
     def start(self, payload: Tensors) -> None:
         """A new client keeps its own initial head; the first fusion happens when round 1 is received."""
@@ -70,8 +69,8 @@ class FedSSAClient(LocalClient):
             head.weight[owned] = alpha * head.weight[owned] + payload["weight"].to(head.weight)[owned]
             head.bias[owned] = alpha * head.bias[owned] + payload["bias"].to(head.bias)[owned]
 
-    def upload(self, x_train, y_train) -> Tensors:
-        owned = torch.unique(y_train)
+    def upload(self) -> Tensors:
+        owned = self.owned_classes()
         head = self.model.head
         return {"labels": owned, "weight": head.weight.detach()[owned.to(head.weight.device)].cpu().clone(),
                 "bias": head.bias.detach()[owned.to(head.bias.device)].cpu().clone()}

@@ -108,22 +108,21 @@ class FedTGPClient(LocalClient):
             self.global_protos.zero_()
             self.known.zero_()
 
-    def phase_loss(self, phase: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if phase != "local":
-            raise self.unknown_phase(phase)
+    def local_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         r = self.model.phi(x)
         ce = F.cross_entropy(self.model.head(r), y)
         # known is all ones or all zeros: the term is on (MSE over batch x d) or absent, without a host sync
         return ce + self.lam * self.known[0] * F.mse_loss(r.float(), self.global_protos[y])
 
-    def prepare_eval(self, global_state: Tensors) -> None:
-        self.receive(global_state)
+    def prepare_eval(self, download: Tensors) -> None:
+        self.receive(download)
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         return nearest_prototype_scores(self.model.phi(x), self.global_protos, self.known)
 
-    def upload(self, x_train, y_train) -> Tensors:
-        labels, protos, _ = class_prototypes(self.model, self.transform, x_train, y_train, self.num_classes)
+    def upload(self) -> Tensors:
+        labels, protos, _ = class_prototypes(self.model, self.transform, self.data.x_train, self.data.y_train,
+                                             self.num_classes)
         return {"labels": labels, "protos": protos}
 
 

@@ -63,16 +63,9 @@ class FMLClient(ClientModule):
         self.alpha, self.beta = settings.alpha, settings.beta
 
     def phases(self) -> list[Phase]:
-        return [Phase("mutual", self.cfg.local_epochs)]
+        return [Phase("mutual", self.cfg.local_epochs, trains=[self.model, self.meme], loss=self.mutual_loss)]
 
-    def trainable_parameters(self, phase: str):
-        if phase != "mutual":
-            raise self.unknown_phase(phase)
-        return list(self.model.parameters()) + list(self.meme.parameters())
-
-    def phase_loss(self, phase: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if phase != "mutual":
-            raise self.unknown_phase(phase)
+    def mutual_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         local, meme = self.model(x), self.meme(x)
         local_loss = self.alpha * F.cross_entropy(local, y) + (1 - self.alpha) * kl_to(meme, local)
         meme_loss = self.beta * F.cross_entropy(meme, y) + (1 - self.beta) * kl_to(local, meme)
@@ -81,7 +74,7 @@ class FMLClient(ClientModule):
     def receive(self, payload: Tensors) -> None:
         self.meme.load_state_dict(unprefixed("meme", payload))
 
-    def upload(self, x_train, y_train) -> Tensors:
+    def upload(self) -> Tensors:
         return cpu_clone(prefixed("meme", self.meme.state_dict()))
 
 

@@ -28,7 +28,7 @@ class LGFedAvgClient(LocalClient):
         with torch.no_grad():
             self.model.head.load_state_dict(unprefixed("head", payload))
 
-    def upload(self, x_train, y_train) -> Tensors:
+    def upload(self) -> Tensors:
         return cpu_clone(prefixed("head", self.model.head.state_dict()))
 
 

@@ -19,6 +19,7 @@ round, a true weighted mean, and sends phi_S only.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -34,7 +35,6 @@ from pfl.algorithms.base import (
     Tensors,
     Upload,
     cpu_clone,
-    outside,
     prefixed,
     register,
     setting,
@@ -50,74 +50,59 @@ class PFedAFMSettings(Settings):
                                 check=known_model)
 
 
+class Mix(nn.Module):
+    """The private mixing weights alpha in [0, 1]^d (1: only the client's own extractor)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.ones(dim))
+
+    def clamp(self) -> None:
+        with torch.no_grad():
+            self.alpha.clamp_(0.0, 1.0)
+
+
 class PFedAFMClient(ClientModule):
-    def __init__(self, model, shared: nn.Module, cfg, transform, num_classes: int, settings: PFedAFMSettings):
+    def __init__(self, model, shared: nn.Module, received: nn.Module, cfg, transform, num_classes: int,
+                 settings: PFedAFMSettings):
         super().__init__(model, cfg, transform, num_classes)
-        self.shared = shared
-        self.alpha = nn.Parameter(torch.ones(model.representation_dim))
+        self.shared = shared  # phi_S, trained in the "shared" phase and sent
+        self.received = received  # phi_S as received this round: used in the "local" phase and for inference
+        self.mix = Mix(model.representation_dim)
         self.settings = settings
-        self.received: Tensors = cpu_clone(shared.state_dict())  # phi_S as received: used for inference
 
     def phases(self) -> list[Phase]:
-        return [Phase("local", self.cfg.local_epochs), Phase("shared", self.cfg.local_epochs)]
-
-    def trainable_parameters(self, phase: str):
-        if phase == "local":
-            return [*self.model.parameters(), self.alpha]
-        if phase == "shared":
-            return list(self.shared.parameters())
-        raise self.unknown_phase(phase)
+        mix = self.mix
+        return [Phase("local", self.cfg.local_epochs, trains=[self.model, mix], loss=self.mixed_loss,
+                      own_lr=[(mix.alpha, self.settings.alpha_lr)], after_step=mix.clamp, eval_mode=[self.received]),
+                Phase("shared", self.cfg.local_epochs, trains=[self.shared], loss=self.shared_loss,
+                      eval_mode=[self.model])]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.head(self.alpha * self.model.phi(x) + (1 - self.alpha) * self.shared(x))
+        alpha = self.mix.alpha
+        return self.model.head(alpha * self.model.phi(x) + (1 - alpha) * self.received(x))
 
-    def phase_loss(self, phase: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if phase == "local":
-            return F.cross_entropy(self(x), y)
-        if phase == "shared":
-            return F.cross_entropy(self.model.head(self.shared(x)), y)
-        raise self.unknown_phase(phase)
+    def mixed_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self(x), y)
 
-    def optimizer(self, phase: str, params: list[nn.Parameter]) -> torch.optim.Optimizer:
-        if phase != "local":
-            return super().optimizer(phase, params)
-        model = [p for p in params if p is not self.alpha]
-        return torch.optim.SGD([{"params": model}, {"params": [self.alpha], "lr": self.settings.alpha_lr}],
-                               lr=self.cfg.lr, momentum=self.cfg.momentum, weight_decay=self.cfg.weight_decay)
-
-    def after_step(self, phase: str) -> None:
-        if phase == "local":
-            with torch.no_grad():
-                self.alpha.clamp_(0.0, 1.0)
+    def shared_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.model.head(self.shared(x)), y)
 
     def receive(self, payload: Tensors) -> None:
-        self.received = {k: v.clone() for k, v in unprefixed("shared", payload).items()}
-        self.shared.load_state_dict(self.received)
+        shared = unprefixed("shared", payload)
+        self.received.load_state_dict(shared)
+        self.shared.load_state_dict(shared)
 
-    def upload(self, x_train, y_train) -> Tensors:
+    def upload(self) -> Tensors:
         return cpu_clone(prefixed("shared", self.shared.state_dict()))
 
-    def private_state(self) -> Tensors:
-        return {**self.keep(self.model.state_dict()), **self.keep(prefixed("shared", self.received)),
-                **self.keep(prefixed("mix", {"alpha": self.alpha}))}
-
-    def load_private_state(self, state: Tensors) -> None:
-        self.model.load_state_dict(outside("mix", outside("shared", state)))
-        self.received = {k: v.clone() for k, v in unprefixed("shared", state).items()}
-        self.shared.load_state_dict(self.received)
-        with torch.no_grad():
-            self.alpha.copy_(unprefixed("mix", state)["alpha"])
-
-    def on_train_epoch_start(self) -> None:
-        if self.phase == "local":
-            self.shared.eval()  # frozen: batch-norm statistics of other zoo families stay untouched
-        elif self.phase == "shared":
-            self.model.eval()
+    def private_modules(self) -> dict[str, nn.Module]:
+        return {"shared": self.received, "mix": self.mix}
 
     @torch.no_grad()
     def diagnostics(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
         """How much the client leans on its own extractor: mean alpha (1: only phi_k, 0: only phi_S)."""
-        return {"alpha_mean": float(self.alpha.mean())}
+        return {"alpha_mean": float(self.mix.alpha.mean())}
 
 
 @register
@@ -130,8 +115,9 @@ class PFedAFM(Algorithm):
         return self.private_model(self.settings.shared_model).phi
 
     def make_client(self, arch: str) -> PFedAFMClient:
-        return PFedAFMClient(self.private_model(arch), self._shared(), self.cfg, self.spec.transform,
-                             self.spec.num_classes, self.settings)
+        model, shared = self.private_model(arch), self._shared()
+        return PFedAFMClient(model, shared, copy.deepcopy(shared), self.cfg,
+                             self.spec.transform, self.spec.num_classes, self.settings)
 
     def initial_global(self) -> Tensors:
         return cpu_clone(prefixed("shared", self._shared().state_dict()))

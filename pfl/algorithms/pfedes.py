@@ -57,32 +57,21 @@ class PFedESClient(ClientModule):
         self.settings = settings
 
     def phases(self) -> list[Phase]:
-        return [Phase("local", self.cfg.local_epochs),
-                Phase("extractor", self.cfg.local_epochs + self.settings.extra_epochs)]
+        return [Phase("local", self.cfg.local_epochs, trains=[self.model], loss=self.local_loss),
+                Phase("extractor", self.cfg.local_epochs + self.settings.extra_epochs, trains=[self.extractor],
+                      loss=self.enhanced_loss, eval_mode=[self.model])]
 
-    def trainable_parameters(self, phase: str):
-        if phase == "local":
-            return list(self.model.parameters())
-        if phase == "extractor":
-            return list(self.extractor.parameters())
-        raise self.unknown_phase(phase)
+    def local_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        mu = self.settings.mu
+        return (1 - mu) * F.cross_entropy(self.model(x), y) + mu * self.enhanced_loss(x, y)
 
-    def phase_loss(self, phase: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if phase == "local":
-            mu = self.settings.mu
-            return (1 - mu) * F.cross_entropy(self.model(x), y) + mu * F.cross_entropy(self.model(self.extractor(x)), y)
-        if phase == "extractor":
-            return F.cross_entropy(self.model(self.extractor(x)), y)
-        raise self.unknown_phase(phase)
-
-    def on_train_epoch_start(self) -> None:
-        if self.phase == "extractor":
-            self.model.eval()  # frozen: batch-norm statistics of other zoo families stay untouched
+    def enhanced_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.model(self.extractor(x)), y)
 
     def receive(self, payload: Tensors) -> None:
         self.extractor.load_state_dict(unprefixed("extractor", payload))
 
-    def upload(self, x_train, y_train) -> Tensors:
+    def upload(self) -> Tensors:
         return cpu_clone(prefixed("extractor", self.extractor.state_dict()))
 
     def private_modules(self) -> dict[str, nn.Module]:

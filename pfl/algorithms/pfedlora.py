@@ -66,44 +66,27 @@ class PFedLoRAClient(ClientModule):
         self.settings = settings
 
     def phases(self) -> list[Phase]:
-        return [Phase("local", self.cfg.local_epochs), Phase("adapter", self.settings.adapter_epochs)]
-
-    def trainable_parameters(self, phase: str):
-        if phase == "local":
-            return list(self.model.parameters())
-        if phase == "adapter":
-            return list(self.adapter.parameters())
-        raise self.unknown_phase(phase)
-
-    def learning_rate(self, phase: str) -> float:
-        if phase == "adapter" and self.settings.adapter_lr > 0:
-            return self.settings.adapter_lr
-        return self.cfg.lr
+        s = self.settings
+        return [Phase("local", self.cfg.local_epochs, trains=[self.model], loss=self.local_loss),
+                Phase("adapter", s.adapter_epochs, trains=[self.adapter], loss=self.adapter_loss,
+                      lr=s.adapter_lr or None, eval_mode=[self.model])]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.model.phi(x)
         return self.model.head(h) + self.adapter(h)
 
-    def phase_loss(self, phase: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if phase == "local":
+    def local_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        h = self.model.phi(x)
+        head_logits = self.model.head(h)
+        loss = F.cross_entropy(head_logits + self.adapter(h), y)
+        mu = self.settings.mu
+        return loss if mu == 1.0 else mu * loss + (1.0 - mu) * F.cross_entropy(head_logits, y)
+
+    def adapter_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():  # the backbone is frozen: no graph through it
             h = self.model.phi(x)
             head_logits = self.model.head(h)
-            z = head_logits + self.adapter(h)
-            mu = self.settings.mu
-            loss = F.cross_entropy(z, y)
-            if mu < 1.0:
-                loss = mu * loss + (1.0 - mu) * F.cross_entropy(head_logits, y)
-            return loss
-        if phase == "adapter":
-            with torch.no_grad():
-                h = self.model.phi(x)
-                head_logits = self.model.head(h)
-            return F.cross_entropy(head_logits + self.adapter(h), y)
-        raise self.unknown_phase(phase)
-
-    def on_train_epoch_start(self) -> None:
-        if self.phase == "adapter":
-            self.model.eval()
+        return F.cross_entropy(head_logits + self.adapter(h), y)
 
     @torch.no_grad()
     def diagnostics(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
@@ -124,15 +107,15 @@ class PFedLoRAClient(ClientModule):
     def receive(self, payload: Tensors) -> None:
         self.adapter.load_state_dict(unprefixed("adapter", payload))
 
-    def upload(self, x_train, y_train) -> Tensors:
+    def upload(self) -> Tensors:
         return cpu_clone(prefixed("adapter", self.adapter.state_dict()))
 
     def private_modules(self) -> dict[str, nn.Module]:
         return {"adapter": self.adapter}
 
-    def prepare_eval(self, global_state: Tensors) -> None:
+    def prepare_eval(self, download: Tensors) -> None:
         if self.settings.inference_adapter == "global":
-            self.receive(global_state)
+            self.receive(download)
 
 
 @register

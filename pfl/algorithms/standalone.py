@@ -9,7 +9,7 @@ from pfl.algorithms.base import Algorithm, LocalClient, Tensors, Upload, registe
 
 
 class StandaloneClient(LocalClient):
-    def upload(self, x_train, y_train) -> Tensors:
+    def upload(self) -> Tensors:
         return {}
 
 

@@ -3,8 +3,8 @@
 FLOPs come from `torch.utils.flop_counter.FlopCounterMode`, which counts the matrix-type operations
 (convolutions, matrix products, their backward passes) that dominate these models; element-wise work
 (activations, pooling, the optimiser update) and decompositions such as SVD are not counted. A client's
-training FLOPs are measured by running one real training step (the method's `phase_loss` plus
-`backward`, with the phase's parameters frozen or trainable exactly as in training) under the counter,
+training FLOPs are measured by running one real training step (the phase's `loss` plus `backward`, with
+the phase's parameters frozen or trainable exactly as in training) under the counter,
 once per (architecture, method phase, batch size), and multiplied by the number of steps of that size.
 The measured step leaves no trace: gradients are cleared and every parameter and buffer is restored.
 """
@@ -29,17 +29,16 @@ def count_flops() -> Iterator[Callable[[], int]]:
     # get_total_flops stays valid after the block
 
 
-def step_flops(module, phase: str, x: torch.Tensor, y: torch.Tensor, precision=None) -> int:
-    """FLOPs of one training step (forward and backward) of `module` in `phase` on the batch (x, y).
+def step_flops(module, x: torch.Tensor, y: torch.Tensor, precision=None) -> int:
+    """FLOPs of one training step (forward and backward) of `module` in its current phase on the batch (x, y).
 
-    `module` is a ClientModule already set to `phase`; x is raw (uint8) as the data loader yields it.
+    `module` is a ClientModule already set to the phase; x is raw (uint8) as the data loader yields it.
     `precision`: the run's Lightning precision plugin (its input conversion and forward context), if any.
     """
     snapshot = {k: v.detach().clone() for k, v in module.state_dict().items()}
     was_training = module.training
     module.train()
-    if hasattr(module, "on_train_epoch_start"):
-        module.on_train_epoch_start()  # the phase's own module modes (e.g. a frozen backbone in eval mode)
+    module.on_train_epoch_start()  # the phase's own module modes (e.g. a frozen backbone in eval mode)
     device = next(module.parameters()).device
     # train=False: the same shapes without consuming the random stream that real augmentation uses
     x = module.transform(x.to(device), train=False)
@@ -49,7 +48,7 @@ def step_flops(module, phase: str, x: torch.Tensor, y: torch.Tensor, precision=N
     context = precision.forward_context() if precision is not None else contextlib.nullcontext()
     try:
         with count_flops() as flops, context:
-            loss = module.phase_loss(phase, x, y)
+            loss = module.phase.loss(x, y)
             if loss.requires_grad:
                 loss.backward()
         return int(flops())
@@ -75,7 +74,7 @@ class FlopMeter:
             count = batch_sizes.count(size)
             key = (type(module).__name__, arch, phase, size)
             if key not in self._cache:
-                self._cache[key] = step_flops(module, phase, x[:size], y[:size], self.precision)
+                self._cache[key] = step_flops(module, x[:size], y[:size], self.precision)
             total += self._cache[key] * count
         return total * epochs
 

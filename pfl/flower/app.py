@@ -1,6 +1,6 @@
-"""pfl's algorithms on Flower's Message API: a ServerApp that runs pfl's round loop, a ClientApp that runs
-pfl's client worker. Nothing of any method is written here: both sides call the same `Algorithm` and
-`ClientWorker` objects the local engine calls.
+"""pfl's algorithms on Flower's Message API: a ServerApp that runs pfl's round loop (pfl.federation.engine) with
+`FlowerWorkers` as its engine, a ClientApp that runs pfl's client side (pfl.federation.client). Nothing of any
+method is written here: both sides call the same `Algorithm` and `ClientWorker` objects the local engine calls.
 
 Messages (one per client and round; a SuperNode serves the clients k with k mod nodes = its partition-id):
 
@@ -36,7 +36,8 @@ from flwr.serverapp import Grid, ServerApp
 
 from pfl.algorithms.base import Tensors, Upload
 from pfl.errors import PflUserError, RunFailed
-from pfl.federation.engine import ClientResult, ClientWorker, NotSent, Outcome
+from pfl.federation.client import ClientResult, ClientWorker
+from pfl.federation.engine import NotSent, Outcome
 from pfl.federation.store import DiskStore
 from pfl.flower.replies import BadReply, Expected, decode_eval, decode_node, decode_train, failure
 from pfl.schema import Config
@@ -184,8 +185,8 @@ client_app = make_client_app()  # what a deployment's SuperNodes load
 # ---------------------------------------------------------------- server side
 
 class FlowerWorkers:
-    """The `flower` engine's dispatcher: one Flower message per client and round, replies decoded by
-    pfl.flower.replies.
+    """The `flower` engine's dispatcher (the round loop's `Workers`): one Flower message per client and round,
+    replies decoded by pfl.flower.replies.
 
     A client whose node is offline, whose reply is an error (it crashed), that has not answered within
     `flower.round_timeout` seconds, or whose reply does not follow the protocol gets a reason instead of a
