@@ -18,7 +18,8 @@ same mentee bit for bit.
 
 Downlink: a client that holds the previous global mentee (it took part in the previous round) receives
 only the compressed aggregate update; any other client receives the whole global mentee (it missed
-updates). Each client keeps its copy of the global mentee ("reference") in its private state.
+updates). Each client keeps its copy of the global mentee ("reference") in its private state, in the
+run's precision (float32 unless a true half precision, bf16-true or 16-true, converts the client).
 Personalised inference: the mentor.
 """
 
