@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,47 +25,71 @@ from pfl import checkpoint, rundir
 from pfl import config as config_mod
 from pfl.build import Hardware, Setup, build, check_engine, check_hardware, client_accelerator, keeps_resident
 from pfl.errors import PflUserError, RunDirError
-from pfl.federation import CallbackList, Callbacks, DiskStore, FederatedRun, MemoryStore
+from pfl.federation import CallbackList, Callbacks, ClientRunner, DiskStore, FederatedRun, MemoryStore
 from pfl.federation.engine import LocalWorkers
 from pfl.pictures import write_partition_picture
 from pfl.report import MetricsFlusher, write_report
 from pfl.schema import Config
 from pfl.trackers import Trackers, check_trackers
 
-__all__ = ["Hardware", "build", "check_engine", "check_hardware", "evaluate_run", "resume", "train"]
+__all__ = ["FlowerTarget", "Hardware", "build", "check_engine", "check_hardware", "evaluate_run", "resume", "train"]
 
 
-def train(cfg: Config, out: Path, hw: Hardware, callbacks: Callbacks | None = None,
-          recipe_source: str = "", grid=None, expected_nodes: int = 0, client_mods: list | None = None,
-          extra_summary: dict[str, Any] | None = None, trackers: tuple[str, ...] = ()) -> dict[str, Any]:
+@dataclass(frozen=True)
+class FlowerTarget:
+    """Where a run on the `flower` engine finds its clients (the local engine ignores it): by default in a
+    Ray simulation the run starts, with `client_mods` (Flower client mods: middleware around pfl's ClientApp,
+    e.g. privacy or fault injection) around its ClientApps; given a deployed ServerApp's `grid`, on the
+    SuperNodes connected to that grid, `expected_nodes` of them (0: the recipe's `flower.num_supernodes`, or
+    one per client)."""
+
+    grid: Any = None  # a flwr.serverapp.Grid (not imported here: flower is an optional extra)
+    expected_nodes: int = 0
+    client_mods: list | None = None
+
+
+@dataclass
+class _Job:
+    """A run ready to start: its set-up, where it is written (`staging`, renamed to `out` when complete),
+    its hardware and client runner (None where no client runs in this process), where its recipe came from."""
+
+    setup: Setup
+    out: Path
+    staging: Path
+    hw: Hardware
+    runner: ClientRunner | None
+    recipe_source: str
+
+
+def train(cfg: Config, out: Path, hw: Hardware, callbacks: Callbacks | None = None, recipe_source: str = "",
+          flower: FlowerTarget = FlowerTarget(), extra_summary: dict[str, Any] | None = None,
+          trackers: tuple[str, ...] = ()) -> dict[str, Any]:
     """Run the recipe and write the run directory `out`. Returns the summary.
 
     `cfg.engine` picks the engine: `local` runs every client in this process; `flower` runs them through
-    Flower, in a simulation (Ray) started here, or, when `grid` is given (a deployed ServerApp), on the
-    SuperNodes connected to that grid (`expected_nodes` of them). `client_mods`: Flower client mods
-    (middleware around pfl's ClientApp, e.g. privacy or fault injection) for a simulation.
+    Flower, where `flower` says (a simulation started here, or a deployment's SuperNodes).
     `extra_summary` is added to summary.json as it is. `trackers`: experiment trackers to send the run to
     (pfl.trackers)."""
     out = rundir.output_path(out)  # a symbolic link: the run goes to (and the link keeps pointing at) its target
     trackers = check_trackers(trackers)
     staging = rundir.prepare_output(out)
-    check_engine(cfg, hw, simulated=grid is None)
+    check_engine(cfg, hw, simulated=flower.grid is None)
     if hw.resident == "on" and (cfg.engine != "local" or cfg.store == "disk"):
         raise PflUserError("--resident on: needs the local engine with store = \"memory\" (client states in "
                            f"this process), got engine {cfg.engine!r}, store {cfg.store!r}")
-    runner = check_hardware(hw, cfg.grad_clip) if cfg.engine == "local" or grid is None else None
+    runner = check_hardware(hw, cfg.grad_clip) if cfg.engine == "local" or flower.grid is None else None
     setup = build(cfg)  # data problems surface here, before anything is written
     rundir.start_staging(staging, cfg, hw, recipe_source)
-    return _execute(setup, out, staging, hw, runner, callbacks, recipe_source, grid, expected_nodes, client_mods,
+    return _execute(_Job(setup, out, staging, hw, runner, recipe_source), callbacks, flower,
                     extra_summary=extra_summary, trackers=trackers)
 
 
-def _execute(setup: Setup, out: Path, staging: Path, hw: Hardware, runner, callbacks, recipe_source: str,
-             grid=None, expected_nodes: int = 0, client_mods=None, resume_from: dict | None = None,
+def _execute(job: _Job, callbacks, flower: FlowerTarget = FlowerTarget(), resume_from: dict | None = None,
              extra_summary: dict[str, Any] | None = None, trackers: tuple[str, ...] = ()):
-    """Rounds into `staging`, then the run directory renamed to `out`. On failure the staging directory
-    is deleted, unless it holds a checkpoint (then `pfl train --resume` continues from it) or the run is
-    complete (summary.json written: it is renamed to `out`, or beside it, and never deleted)."""
+    """Rounds into `job.staging`, then the run directory renamed to `job.out`. On failure the staging
+    directory is deleted, unless it holds a checkpoint (then `pfl train --resume` continues from it) or the
+    run is complete (summary.json written: it is renamed to `out`, or beside it, and never deleted)."""
+    setup, out, staging, hw, runner = job.setup, job.out, job.staging, job.hw, job.runner
     cfg = setup.cfg
     state_dir = staging / "state" / "clients"
     tracking = None
@@ -82,16 +107,16 @@ def _execute(setup: Setup, out: Path, staging: Path, hw: Hardware, runner, callb
         if cfg.engine == "flower":
             # Clients keep their private state on their node's disk; on one machine that is the run directory.
             state_dir.mkdir(parents=True, exist_ok=True)  # exists when a simulation resumes
-            if grid is None:
+            if flower.grid is None:
                 from pfl.flower.app import simulate
 
                 run = simulate(make_run, setup, str(state_dir), client_accelerator(cfg),
-                               hw.precision, client_mods, resume_from=resume_from)
+                               hw.precision, flower.client_mods, resume_from=resume_from)
             else:
                 from pfl.flower.app import FlowerWorkers
 
-                run = make_run(FlowerWorkers(grid, setup, str(state_dir), hw.accelerator,
-                                             hw.precision, expected_nodes))
+                run = make_run(FlowerWorkers(flower.grid, setup, str(state_dir), hw.accelerator,
+                                             hw.precision, flower.expected_nodes))
                 run.initialise()
                 run.run()
         else:
@@ -105,7 +130,7 @@ def _execute(setup: Setup, out: Path, staging: Path, hw: Hardware, runner, callb
                 run.restore(resume_from)
             run.run()
         wall = time.perf_counter() - started
-        summary = write_report(staging, setup, run, wall, hw, recipe_source,
+        summary = write_report(staging, setup, run, wall, hw, job.recipe_source,
                                resumed_from=resume_from["round"] if resume_from else None, extra=extra_summary)
         if tracking is not None:
             tracking.finish(staging)
@@ -153,7 +178,7 @@ def resume(out: Path, make_callbacks: Callable[[Config, int], Callbacks] | None 
     staging = rundir.claim(staging, out)
     round_idx = state["round"] if state else None
     callbacks = make_callbacks(cfg, round_idx or 0) if make_callbacks else None
-    summary = _execute(setup, out, staging, hw, runner, callbacks, recipe_source, resume_from=state,
+    summary = _execute(_Job(setup, out, staging, hw, runner, recipe_source), callbacks, resume_from=state,
                        extra_summary=extra_summary)
     return cfg, summary, round_idx
 

@@ -28,7 +28,7 @@ from pfl.federation import FederatedRun, MemoryStore, make_runner
 from pfl.federation.engine import LocalWorkers
 from pfl.flower.app import from_record, to_record
 from pfl.flower.deploy import descendants
-from pfl.run import Hardware, build, train
+from pfl.run import FlowerTarget, Hardware, build, train
 from tests.conftest import SMOKE
 
 pytestmark = pytest.mark.flower
@@ -138,7 +138,7 @@ def test_simulation_drops_crashed_hung_nan_and_misshaped_clients(tmp_path, caplo
     plan = {(2, 1): "nan", (2, 2): "crash", (2, 3): "hang", (2, 4): "shape", "hang_seconds": 25.0}
     cfg = _cfg(num_clients=5, **{"synthetic.num_samples": 500, "flower.round_timeout": 20.0})
     mods = [functools.partial(record_mod, str(record)), functools.partial(fault_mod, plan)]
-    summary = train(cfg, tmp_path / "run", Hardware(), client_mods=mods)
+    summary = train(cfg, tmp_path / "run", Hardware(), flower=FlowerTarget(client_mods=mods))
     sizes = {int(r["client_id"]): int(r["num_train"]) for r in read_rows(tmp_path / "run" / "per_client.csv")}
     rows = read_rows(tmp_path / "run" / "metrics.csv")
     assert [int(r["clients_dropped"]) for r in rows] == [0, 4]
@@ -167,7 +167,8 @@ def test_simulation_stops_when_fewer_than_min_clients_answer(tmp_path):
     plan = {(1, 0): "crash", (1, 1): "crash"}
     cfg = _cfg(min_clients=2)
     with pytest.raises(RunFailed, match=r"round 1: 1 of 3 sampled clients .* min_clients=2 .*injected crash"):
-        train(cfg, tmp_path / "run", Hardware(), client_mods=[functools.partial(fault_mod, plan)])
+        train(cfg, tmp_path / "run", Hardware(),
+              flower=FlowerTarget(client_mods=[functools.partial(fault_mod, plan)]))
     assert list(tmp_path.iterdir()) == []  # nothing half-written
 
 

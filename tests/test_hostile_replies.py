@@ -19,7 +19,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from pfl import config
 from pfl.flower.app import from_record, to_record
 from pfl.flower.replies import BadReply, Expected, decode_arrays, decode_eval, decode_node, decode_train
-from pfl.run import Hardware, train
+from pfl.run import FlowerTarget, Hardware, train
 from tests.conftest import SMOKE
 
 pytestmark = pytest.mark.flower
@@ -77,7 +77,8 @@ def hostile_mod(msg: Message, context, call_next) -> Message:
 def test_hostile_replies_each_drop_their_client_and_the_run_completes(tmp_path, caplog, no_ray_left):
     cfg = config.resolve({**SMOKE, "method": "fedproto", "num_clients": 12, "engine": "flower",
                           "synthetic.num_samples": 720, "flower.client_cpus": 1.0, "flower.max_upload_mb": 0.25})
-    summary = train(cfg, tmp_path / "run", Hardware(), client_mods=[functools.partial(hostile_mod)])
+    summary = train(cfg, tmp_path / "run", Hardware(),
+                    flower=FlowerTarget(client_mods=[functools.partial(hostile_mod)]))
     rows = read_rows(tmp_path / "run" / "metrics.csv")
     # clients 0 and 9 have no node (two nodes claimed partition 0: neither is used); round 2 drops 8 more
     assert [int(r["clients_dropped"]) for r in rows] == [2, 2 + len(HOSTILE)]

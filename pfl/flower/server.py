@@ -1,6 +1,6 @@
 """The ServerApp of a Flower deployment (`flwr run`, started by `pfl deploy`): pfl's usual run
-(pfl.run.train) with the deployment's Grid as its engine. It sits above pfl.run, which the rest of
-pfl.flower sits below."""
+(pfl.run.train) on the flower engine, its messages sent through the deployment's Grid. It sits above
+pfl.run, which the rest of pfl.flower sits below."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from pfl import config as config_mod
 from pfl.federation import Callbacks
-from pfl.run import Hardware, train
+from pfl.run import FlowerTarget, Hardware, train
 
 log = logging.getLogger("pfl")
 
@@ -39,8 +39,9 @@ def _deployment_main(grid: Grid, context: Context) -> None:
         cfg = config_mod.resolve(raw, {"engine": "flower"})
     hw = Hardware(accelerator=str(run_config.get("accelerator", "cpu")),
                   precision=str(run_config.get("precision", "32-true")))
-    summary = train(cfg, Path(str(run_config["out"])), hw, recipe_source=source, grid=grid,
-                    expected_nodes=supernodes, callbacks=LogRounds(), extra_summary={"deployment": deployment})
+    summary = train(cfg, Path(str(run_config["out"])), hw, recipe_source=source,
+                    flower=FlowerTarget(grid, expected_nodes=supernodes), callbacks=LogRounds(),
+                    extra_summary={"deployment": deployment})
     log.warning("pfl: run finished: final mean accuracy %.4f, written to %s (TLS %s, SuperNode authentication "
                 "%s)", summary["final"]["acc_mean"], run_config["out"], "on" if deployment["tls"] else "off",
                 "on" if deployment["node_auth"] else "off")
