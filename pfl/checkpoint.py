@@ -7,8 +7,8 @@ A checkpoint is a directory `checkpoint-RRRRRR/` in the run's staging directory:
     progress.json                     R, the metrics rows so far, the last accuracies
 
 written under a temporary name, every file fsynced, then renamed into place; `checkpoint.json` (also
-replaced atomically, after an fsync) names the newest complete checkpoint and holds the SHA-256 of each
-of its files, so a truncated or altered file is reported by name. Older checkpoints are deleted only
+replaced atomically, after an fsync: pfl.files) names the newest complete checkpoint and holds the SHA-256 of
+each of its files, so a truncated or altered file is reported by name. Older checkpoints are deleted only
 after the pointer has moved. Nothing is ever unpickled: tensors are safetensors, the rest is JSON.
 
 A client not trained since the newest checkpoint has the same state file: the new checkpoint hard-links
@@ -35,17 +35,9 @@ from safetensors.torch import load_file, save_file
 
 from pfl.errors import RunDirError
 from pfl.federation.store import client_file
+from pfl.files import atomic_write, fsync
 
 POINTER = "checkpoint.json"
-
-
-def fsync(path: Path) -> None:
-    """Flush a file or directory to disk (a rename is durable once its directory is synced)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _sha256(path: Path) -> str:
@@ -54,16 +46,6 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def _write_json_atomically(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync(path.parent)
 
 
 def _newest(root: Path) -> tuple[str, dict[str, str]] | None:
@@ -125,8 +107,8 @@ def save(root: Path, round_idx: int, global_state: dict[str, torch.Tensor], clie
     fsync(root)
     clients = sorted(int(rel[len("clients/client_"):-len(".safetensors")]) for rel in digests
                      if rel.startswith("clients/"))
-    _write_json_atomically(root / POINTER, {"latest": name, "round": round_idx, "sha256": digests,
-                                            "clients": clients})
+    atomic_write(root / POINTER, json.dumps({"latest": name, "round": round_idx, "sha256": digests,
+                                             "clients": clients}))
     for old in root.glob("checkpoint-*"):
         if old.name != name:
             shutil.rmtree(old, ignore_errors=True)

@@ -1,5 +1,6 @@
-"""What a finished run reports: metrics.csv, per_client.csv, summary.json, accuracy.png, and the saved
-states (via pfl.rundir). Also the versions a run was made with, so `pfl eval` can warn when they differ."""
+"""What a finished run reports: metrics.csv, per_client.csv, summary.json, accuracy.png and clients.png
+(drawn by pfl.pictures), and the saved states (via pfl.rundir). Also the versions a run was made with, so
+`pfl eval` can warn when they differ."""
 
 from __future__ import annotations
 
@@ -20,9 +21,10 @@ from pfl.build import Hardware, Setup
 from pfl.federation import Callbacks
 from pfl.federation.costs import first_reaching
 from pfl.federation.engine import ACCURACY_COLUMNS
-from pfl.pictures import plot_clients
+from pfl.pictures import plot_accuracy, plot_clients
 
 BEST_NOTE = "best mean accuracy over evaluated rounds; not the final result"
+BEST_IS_FINAL_NOTE = "best mean accuracy over evaluated rounds; reached at the final round, so also the final result"
 
 
 class MetricsFlusher(Callbacks):
@@ -79,7 +81,15 @@ def final_and_best(history: list[dict[str, Any]], prefix: str = "") -> tuple[dic
         return None, None
     final, best = evaluated[-1], max(evaluated, key=lambda r: r[prefix + "acc_mean"])
     return ({"round": final["round"], **{c: final[prefix + c] for c in ACCURACY_COLUMNS}},
-            {"round": best["round"], "acc_mean": best[prefix + "acc_mean"], "note": BEST_NOTE})
+            {"round": best["round"], "acc_mean": best[prefix + "acc_mean"],
+             "note": BEST_IS_FINAL_NOTE if best["round"] == final["round"] else BEST_NOTE})
+
+
+def describe_best(final: dict[str, Any], best: dict[str, Any]) -> str:
+    """The run summary's line for the best round (`final_and_best`'s pair): flagged as not the final result
+    only when the best round is not the final one."""
+    where = "the final round" if best["round"] == final["round"] else "not the final result"
+    return f"{100 * best['acc_mean']:.2f}% at round {best['round']} ({where})"
 
 
 def write_report(root: Path, setup: Setup, run, wall: float, hw: Hardware, recipe_source: str,
@@ -135,10 +145,8 @@ def write_report(root: Path, setup: Setup, run, wall: float, hw: Hardware, recip
     summary.update(extra or {})
     title = f"{cfg.method} on {cfg.dataset} (N={cfg.num_clients}, C={cfg.participation}, seed {cfg.seed})"
     plot_accuracy(history, root / "accuracy.png", title=title)
-    import matplotlib.pyplot as plt
-
     accuracies = [row["accuracy"] for row in per_client]
-    plt.close(plot_clients(setup.architectures, accuracies, state.client_curves, root / "clients.png", title))
+    plot_clients(setup.architectures, accuracies, state.client_curves, root / "clients.png", title)
     # the last file written: its presence marks a complete run (which no later error deletes, pfl.run)
     (root / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return summary
@@ -161,35 +169,3 @@ def write_metrics_csv(path: Path, history: list[dict[str, Any]]) -> None:
         writer.writeheader()
         for row in history:
             writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})
-
-
-def plot_accuracy(history: list[dict[str, Any]], path: Path, title: str) -> None:
-    """Mean test accuracy per round with the min-max band over clients, and validation accuracy when the
-    run has a validation split."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
-    rows = [r for r in history if not math.isnan(r["acc_mean"])]
-    rounds = [r["round"] for r in rows]
-    if rows:
-        ax.fill_between(rounds, [100 * r["acc_min"] for r in rows], [100 * r["acc_max"] for r in rows],
-                        alpha=0.2, label="min-max over clients")
-        ax.plot(rounds, [100 * r["acc_mean"] for r in rows], marker="o", ms=3, label="mean (unweighted)")
-        ax.plot(rounds, [100 * r["acc_weighted"] for r in rows], ls="--", label="mean (sample-weighted)")
-    val = [r for r in history if not math.isnan(r.get("val_acc_mean", math.nan))]
-    if val:
-        ax.plot([r["round"] for r in val], [100 * r["val_acc_mean"] for r in val], marker="s", ms=3, ls=":",
-                label="validation mean (unweighted)")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("round")
-    ax.set_ylabel("personalised accuracy (%)" if val else "personalised test accuracy (%)")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)

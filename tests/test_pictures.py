@@ -86,3 +86,47 @@ def test_client_comparison_puts_methods_side_by_side():
     bars = figure.axes[0].patches
     assert [round(p.get_height(), 6) for p in bars] == [60.0, 100.0, 50.0, 10.0, 20.0, 30.0]
     assert bars[0].get_x() < bars[3].get_x() < bars[1].get_x()  # client 0: a then b, before client 1
+
+
+# ------------------------------------------------------------------ what a user reads on them
+
+def _history(means: list[float]) -> list[dict]:
+    return [{"round": t, "acc_mean": m, "acc_weighted": m, "acc_std": 0.0, "acc_min": m, "acc_max": m}
+            for t, m in enumerate(means, start=1)]
+
+
+def test_the_best_round_is_called_not_final_only_when_it_is_not_the_final_round():
+    from pfl.report import BEST_IS_FINAL_NOTE, BEST_NOTE, describe_best, final_and_best
+
+    final, best = final_and_best(_history([0.5, 0.7, 0.9]))  # best at the final round
+    assert best["round"] == final["round"] == 3 and best["note"] == BEST_IS_FINAL_NOTE
+    assert describe_best(final, best) == "90.00% at round 3 (the final round)"
+    assert "not the final result" not in describe_best(final, best) + best["note"]
+
+    final, best = final_and_best(_history([0.5, 0.9, 0.7]))  # best before the final round
+    assert (best["round"], final["round"]) == (2, 3) and best["note"] == BEST_NOTE
+    assert describe_best(final, best) == "90.00% at round 2 (not the final result)"
+
+
+def test_partition_title_names_the_recipe_and_dataset_once_each():
+    from pfl.pictures import partition_title
+
+    fmnist = config.load("fmnist", ["num_clients=10"])[0]
+    assert partition_title(fmnist) == "samples per client and class: fmnist, pathological partition, N=10, seed 0"
+    smoke = config.load("smoke", ["partition=dirichlet", "dirichlet_alpha=0.5"])[0]
+    assert partition_title(smoke) == ("samples per client and class: recipe smoke (synthetic), dirichlet partition, "
+                                      "alpha=0.5, N=4, seed 0")
+
+
+def test_clients_picture_labels_do_not_run_into_the_titles():
+    archs, accs = ["cnn1", "cnn2", "cnn3", "cnn4"], [1.0, 1.0, 0.5, 0.0]
+    curves = [{"round": t, "accuracies": accs} for t in (1, 2, 3)]
+    figure = plot_clients(archs, accs, curves, None, "pfedlora on synthetic (N=4, C=1.0, seed 0)")
+    figure.canvas.draw()
+    renderer = figure.canvas.get_renderer()
+    title = figure._suptitle.get_window_extent(renderer).expanded(1.0, 1.5)  # and a margin above and below
+    for ax in figure.axes:
+        label, panel_title = ax.yaxis.label.get_window_extent(renderer), ax.title.get_window_extent(renderer)
+        assert not label.overlaps(title) and not label.overlaps(panel_title) and not panel_title.overlaps(title)
+        panel = ax.get_window_extent(renderer)
+        assert panel.y0 <= label.y0 and label.y1 <= panel.y1  # no label longer than its panel

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from pfl.errors import DataError
+from pfl.files import atomic_file
 
 DEBIAN_FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FMNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
@@ -116,11 +117,8 @@ def load_fmnist(data_dir: Path, download: bool) -> Dataset:
 def _unpack_gz(sources: list[Path], target: Path) -> None:
     target.mkdir(parents=True, exist_ok=True)
     for src in sources:
-        final = target / src.name[:-3]
-        tmp = final.with_suffix(".partial")
-        with gzip.open(src, "rb") as fin, open(tmp, "wb") as fout:
+        with atomic_file(target / src.name[:-3]) as tmp, gzip.open(src, "rb") as fin, open(tmp, "wb") as fout:
             shutil.copyfileobj(fin, fout)
-        tmp.replace(final)
 
 
 def _reachable(url: str, timeout: float = 3.0) -> bool:

@@ -7,12 +7,12 @@ where to make their state copies (ClientModule.keep), so a resident store never 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from pfl.files import atomic_file
 from pfl.schema import Tensors
 
 
@@ -37,7 +37,7 @@ class MemoryStore:
 
 
 class DiskStore:
-    """One safetensors file per client, replaced atomically (write to a temporary name, then rename)."""
+    """One safetensors file per client, replaced atomically (pfl.files.atomic_file)."""
 
     device = torch.device("cpu")
 
@@ -49,10 +49,9 @@ class DiskStore:
         return self.root / client_file(client_id)
 
     def put(self, client_id: int, state: Tensors) -> None:
-        path = self._path(client_id)
-        tmp = path.with_suffix(".tmp")
-        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp))
-        os.replace(tmp, path)
+        # not fsynced: a working copy; checkpoints and the finished run's state files are the durable ones
+        with atomic_file(self._path(client_id), durable=False) as tmp:
+            save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp))
 
     def get(self, client_id: int) -> Tensors:
         return load_file(str(self._path(client_id)))

@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import os
 import secrets
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pfl.errors import PflUserError
+from pfl.files import atomic_write
 
 CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY, SECRET = "ca.crt", "ca.key", "server.crt", "server.key", "runtime.secret"
 VALID_DAYS = 365
@@ -40,12 +40,9 @@ def private_directory(prefix: str = "pfl-keys-") -> Path:
 
 
 def _write_private(path: Path, data: bytes) -> Path:
-    """Write `data` to a new file readable by its owner only (created with mode 0600, never wider)."""
-    path.unlink(missing_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    return path
+    """Replace `path` with `data` in a new file readable by its owner only (created with mode 0600, never
+    wider, then renamed into place: pfl.files.atomic_write)."""
+    return atomic_write(path, data, mode=0o600)
 
 
 def _san_entries(addresses: list[str]):
