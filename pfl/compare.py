@@ -21,9 +21,10 @@ import csv
 import io
 import json
 import math
-import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -32,19 +33,18 @@ import numpy as np
 from pfl import config as config_mod
 from pfl.algorithms import ALGORITHMS, LATER_METHODS, PAPER_METHODS
 from pfl.config import HYPERPARAMETERS
-from pfl.errors import ConfigError, RunDirError
+from pfl.errors import ConfigError, PflUserError, RunDirError, RunFailed
+from pfl.files import atomic_write
 from pfl.parallel import RunOutcome, RunSpec, check_reusable, finished, run_all
+from pfl.pictures import plot_client_comparison, plot_comparison
 from pfl.rundir import load_run_config, read_per_client
 from pfl.schema import Config
 
 REFERENCE = "pfedlora"
-# Keys that may differ between the runs of one comparison; every other key is the protocol and must match.
-# Keys that do not change what a run computes (where it runs, what it is called); engine settings included:
-# a Flower run of a recipe computes what a local run does.
-_FREE_KEYS = {"method", "seed", "name", "description", "data_dir", "download", "store", "engine",
-              "checkpoint_every"}
-# A method's hyperparameters (config.HYPERPARAMETERS and its own table): each method may run with its own
-# (tuned) values, the same for all its seeds; values that differ between methods are listed with the table.
+# The protocol, which every run of one comparison must share, is what a run computes (config.computation)
+# except the comparison's own axes: method, seed and a method's hyperparameters (config.HYPERPARAMETERS and
+# its own table; each method may run with its own (tuned) values, the same for all its seeds; values that
+# differ between methods are listed with the table).
 
 
 @dataclass
@@ -130,8 +130,8 @@ def collect_runs(paths: list[Path]) -> list[RunRecord]:
 
 
 def _protocol(cfg: Config) -> dict[str, Any]:
-    return {k: v for k, v in cfg.as_flat().items()
-            if k not in _FREE_KEYS and k not in HYPERPARAMETERS and k.split(".")[0] not in (*ALGORITHMS, "flower")}
+    return {k: v for k, v in config_mod.computation(cfg.as_flat()).items()
+            if k not in ("method", "seed") and k not in HYPERPARAMETERS and k.split(".")[0] not in ALGORITHMS}
 
 
 def _hyperparameters(cfg: Config) -> dict[str, Any]:
@@ -146,16 +146,16 @@ def check_comparable(records: list[RunRecord]) -> None:
     base = _protocol(first.config)
     for r in records[1:]:
         other = _protocol(r.config)
-        for key in sorted(set(base) | set(other)):
-            if base.get(key) != other.get(key):
-                raise RunDirError(f"runs '{first.run_dir}' and '{r.run_dir}' differ in recipe key '{key}' "
-                                  f"({base.get(key)!r} vs {other.get(key)!r}); they cannot be compared")
+        key = config_mod.first_difference(base, other)
+        if key is not None:
+            raise RunDirError(f"runs '{first.run_dir}' and '{r.run_dir}' differ in recipe key '{key}' "
+                              f"({base.get(key)!r} vs {other.get(key)!r}); they cannot be compared")
     settings: dict[str, tuple[Path, dict[str, Any]]] = {}
     for r in records:
         mine = _hyperparameters(r.config)
         if r.method in settings and settings[r.method][1] != mine:
             other_dir, theirs = settings[r.method]
-            key = next(k for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k))
+            key = config_mod.first_difference(mine, theirs)
             raise RunDirError(f"runs '{other_dir}' and '{r.run_dir}' of {r.method} differ in '{key}' "
                               f"({theirs.get(key)!r} vs {mine.get(key)!r}); every seed of a method must use the "
                               f"same settings")
@@ -189,6 +189,14 @@ def _method_order(record: RunRecord) -> tuple[int, str, int]:
     return order.get(record.method, len(order)), record.method, record.seed
 
 
+def _by_method(records: list[RunRecord]) -> dict[str, list[RunRecord]]:
+    """Each method's runs, methods and seeds in `_method_order`."""
+    by_method: dict[str, list[RunRecord]] = {}
+    for r in sorted(records, key=_method_order):
+        by_method.setdefault(r.method, []).append(r)
+    return by_method
+
+
 def paired_interval(diffs: list[float], level: float = 0.95) -> tuple[float, float]:
     """Two-sided t interval of the mean of paired differences (n - 1 degrees of freedom); NaN below 2 pairs."""
     if len(diffs) < 2:
@@ -205,9 +213,7 @@ def summarise(records: list[RunRecord], failures: list[tuple[str, int, str]] | N
     """One row per method (pFedLoRA, then the paper's baselines, then others): accuracy mean/std over seeds,
     the paired difference to pFedLoRA with its 95% t interval, per-round costs, and to-target costs with
     their ratio to pFedLoRA's. `failures` (method, seed, why) are listed in the row of their method."""
-    by_method: dict[str, list[RunRecord]] = {}
-    for r in sorted(records, key=_method_order):
-        by_method.setdefault(r.method, []).append(r)
+    by_method = _by_method(records)
     failed: dict[str, list[str]] = {}
     for method, seed, why in failures or []:
         failed.setdefault(method, []).append(f"seed {seed}: {why}")
@@ -353,12 +359,6 @@ def _differing_hyperparameters(records: list[RunRecord]) -> str:
 
 # ------------------------------------------------------------------ outputs
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_outputs(out: Path, records: list[RunRecord], rows: list[dict[str, Any]]) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     columns = list(rows[0])
@@ -367,7 +367,7 @@ def write_outputs(out: Path, records: list[RunRecord], rows: list[dict[str, Any]
     writer.writeheader()
     writer.writerows({c: "" if isinstance(r[c], float) and math.isnan(r[c]) else r[c] for c in columns}
                      for r in rows)
-    _atomic_write(out / "comparison.csv", text.getvalue())
+    atomic_write(out / "comparison.csv", text.getvalue())
     md = ["# Comparison\n", describe(records) + "\n",
           f"Accuracy: mean ± std over seeds (sample std); `final - {REFERENCE}`: per-seed (paired: same "
           f"partition and initial draws) difference in points, mean over the seeds both ran with its 95% "
@@ -381,9 +381,10 @@ def write_outputs(out: Path, records: list[RunRecord], rows: list[dict[str, Any]
     failed = [f"- {r['method']}: {r['failed']}" for r in rows if r["failed"]]
     if failed:
         md += ["", "Failed runs (not in the figures above; rerun the same command to retry or resume them):", *failed]
-    _atomic_write(out / "comparison.md", "\n".join(md) + "\n")
+    atomic_write(out / "comparison.md", "\n".join(md) + "\n")
     plots = [out / "accuracy_vs_round.png", out / "accuracy_vs_bytes.png", out / "per_client.png"]
-    plot_comparison(records, plots[0], plots[1], describe(records))
+    plot_comparison({method: [r.history for r in runs] for method, runs in _by_method(records).items()},
+                    REFERENCE, records[0].config.target_accuracy, plots[0], plots[1], describe(records))
     plot_per_client(records, plots[2], describe(records))
     return [out / "comparison.csv", out / "comparison.md", *plots]
 
@@ -392,79 +393,10 @@ def plot_per_client(records: list[RunRecord], path: Path, subtitle: str) -> None
     """per_client.png: every method's final accuracy per client (mean over seeds), side by side."""
     import textwrap
 
-    import matplotlib.pyplot as plt
-
-    from pfl.pictures import plot_client_comparison
-
-    per_method: dict[str, list[list[float]]] = {}
-    for r in sorted(records, key=_method_order):
-        accuracies = [float(row["accuracy"]) if row["accuracy"] not in ("", None) else math.nan
-                      for row in read_per_client(r.run_dir)]
-        per_method.setdefault(r.method, []).append(accuracies)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
-    plt.close(plot_client_comparison(per_method, tmp, "\n".join(textwrap.wrap(subtitle, 95))))
-    os.replace(tmp, path)
-
-
-def _curves(runs: list[RunRecord], column: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Per evaluated round: x = mean over seeds of `column`; accuracy mean, min, max over seeds."""
-    length = min(len(r.history) for r in runs)
-    rows = [[r.history[i] for r in runs] for i in range(length)]
-    rows = [rs for rs in rows if not any(math.isnan(x["acc_mean"]) for x in rs)]
-    x = np.array([np.mean([x[column] for x in rs]) for rs in rows])
-    accs = np.array([[100 * x["acc_mean"] for x in rs] for rs in rows])
-    return x, accs.mean(axis=1), accs.min(axis=1), accs.max(axis=1)
-
-
-def plot_comparison(records: list[RunRecord], by_round: Path, by_bytes: Path, subtitle: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import textwrap
-
-    import matplotlib.pyplot as plt
-
-    by_method: dict[str, list[RunRecord]] = {}
-    for r in sorted(records, key=_method_order):
-        by_method.setdefault(r.method, []).append(r)
-    target = records[0].config.target_accuracy
-    title = "\n".join(textwrap.wrap(subtitle, 100))
-    for path, column, xlabel in ((by_round, "round", "round"),
-                                 (by_bytes, "bytes_cumulative", "bytes communicated so far (up + down, log)")):
-        fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
-        for method, runs in by_method.items():
-            x, mean, lo, hi = _curves(runs, column)
-            if len(x) == 0:
-                continue
-            style = {"lw": 2.4, "color": "black"} if method == REFERENCE else {"lw": 1.4}
-            if column == "bytes_cumulative":
-                if x[-1] <= 0:  # sends nothing: a level, not a curve
-                    ax.axhline(mean[-1], ls=":", label=f"{method} (sends nothing; final level)",
-                               **({"color": "grey"}))
-                    continue
-                keep = x > 0
-                x, mean, lo, hi = x[keep], mean[keep], lo[keep], hi[keep]
-            line, = ax.plot(x, mean, label=method, **style)
-            if len(runs) > 1:
-                ax.fill_between(x, lo, hi, alpha=0.15, color=line.get_color())
-        if target > 0:
-            ax.axhline(100 * target, color="red", ls="--", lw=0.8, label=f"target {100 * target:g}%")
-        if column == "bytes_cumulative":
-            ax.set_xscale("log")
-        else:
-            from matplotlib.ticker import MaxNLocator
-
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("personalised test accuracy, mean over clients (%)")
-        ax.set_title(title, fontsize=7)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="lower right")
-        fig.tight_layout()
-        tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
-        fig.savefig(tmp)
-        plt.close(fig)
-        os.replace(tmp, path)
+    per_method = {method: [[float(row["accuracy"]) if row["accuracy"] not in ("", None) else math.nan
+                            for row in read_per_client(r.run_dir)] for r in runs]
+                  for method, runs in _by_method(records).items()}
+    plot_client_comparison(per_method, path, "\n".join(textwrap.wrap(subtitle, 95)))
 
 
 # ------------------------------------------------------------------ running
@@ -505,3 +437,110 @@ def run_comparison(out: Path, runs: list[tuple[str, int, Config, str]], hw, reso
         else:
             failures.append((method, seed, outcome.detail))
     return records, failures
+
+
+# ------------------------------------------------------------------ the whole command
+
+class Display:
+    """What a front end shows while `compare` works (pfl's CLI: progress bars and tables); this one shows
+    nothing."""
+
+    def message(self, text: str) -> None:
+        """A line saying what is about to run."""
+
+    @contextmanager
+    def runs(self, title: str, total: int) -> Iterator[tuple[Callable | None, Callable | None]]:
+        """Around `total` runs: (on_event, on_outcome) for pfl.parallel.run_all."""
+        yield None, None
+
+    def tuned(self, result) -> None:
+        """One method's tuning finished (a pfl.tune.TuneResult)."""
+
+
+@dataclass
+class Comparison:
+    """What `compare` found: the finished runs, the failed ones (method, seed, why), one row per method (see
+    `summarise`) and the files written."""
+
+    records: list[RunRecord]
+    failures: list[tuple[str, int, str]]
+    rows: list[dict[str, Any]]
+    written: list[Path]
+
+
+def compare(recipe: str | None, sources: list[Path], methods: str | None, overrides: list[str], seeds: int,
+            seed: int | None, out: Path | None, tune_trials: int, tune_rounds: int | None,
+            trackers: tuple[str, ...], hardware: Callable[[], tuple[Any, Any]], display: Display | None = None
+            ) -> Comparison:
+    """`pfl compare`: the finished runs of `sources` (run or comparison directories), or every method of
+    `methods` on `recipe` for `seeds` seeds (each tuned first with `tune_trials` trials when > 0); then the
+    table and plots in `out`. `hardware()` gives (Hardware, Resources) once runs need them, so that options
+    are checked in the order the command always did. RunFailed when every run failed."""
+    if seeds < 1:
+        raise PflUserError(f"--seeds: must be an integer >= 1, got {seeds}")
+    if tune_trials < 0:
+        raise PflUserError(f"--tune-trials: must be an integer >= 0, got {tune_trials}")
+    if tune_rounds is not None and (tune_rounds < 1 or not tune_trials):
+        raise PflUserError(f"--tune-rounds: must be an integer >= 1 and goes with --tune-trials, got {tune_rounds}")
+    failures: list[tuple[str, int, str]] = []
+    if sources:
+        if methods or overrides or seed is not None or seeds != 1 or tune_trials or trackers:
+            raise PflUserError("--from: --methods, --set, --seed, --seeds, --tune-trials and --logger apply only "
+                               "with --recipe")
+        records = collect_runs(sources)
+        if out is None:
+            out = sources[0] if len(sources) == 1 and (sources[0] / "runs").is_dir() else \
+                Path("runs") / f"compare-{datetime.now():%Y%m%d-%H%M%S}"
+    else:
+        records, failures, out = _run_methods(recipe, methods, overrides, seeds, seed, out, tune_trials,
+                                              tune_rounds, trackers, hardware, display or Display())
+    rows = summarise(records, failures)
+    return Comparison(records, failures, rows, write_outputs(out.expanduser().absolute(), records, rows))
+
+
+def _run_methods(recipe, methods, overrides, seeds, seed, out, tune_trials, tune_rounds, trackers, hardware,
+                 display: Display) -> tuple[list[RunRecord], list[tuple[str, int, str]], Path]:
+    from pfl.trackers import check_trackers
+
+    trackers = check_trackers(trackers)
+    names = method_names(methods)
+    if not names:
+        raise PflUserError("--methods: give at least one method, e.g. --methods pfedlora,standalone")
+    hw, resources = hardware()
+    runs = plan(recipe, overrides, names, seeds, seed)
+    base = runs[0][2]
+    if base.engine == "flower" and (resources.jobs > 1 or resources.ray_address):
+        raise PflUserError("--jobs: runs on the flower engine use Ray themselves; run them with --jobs 1 "
+                           "or use engine=local for parallel runs")
+    out = out or Path("runs") / f"compare-{base.name}-{datetime.now():%Y%m%d-%H%M%S}"
+    tuned = None
+    if tune_trials:
+        tuned = _tune_each(recipe, overrides, names, seed, tune_trials, tune_rounds, out, hw, resources, display)
+        runs = plan(recipe, overrides, names, seeds, seed, tuned_values={m: t["values"] for m, t in tuned.items()})
+    check_reuse(out, runs)
+    display.message(f"{', '.join(names)} on {base.dataset}: N={base.num_clients}, C={base.participation}, "
+                    f"T={base.rounds}, {base.partition} partition, {len(runs) // len(names)} seed(s), "
+                    f"{resources.jobs} at once ({resources.threads} thread(s) each) -> {out}")
+    with display.runs("runs done", len(runs)) as (on_event, on_outcome):
+        records, failures = run_comparison(out, runs, hw, resources, on_event, on_outcome, tuned, trackers)
+    if not records:
+        raise RunFailed("every run failed: " + "; ".join(f"{m} seed {s}: {why}" for m, s, why in failures))
+    return records, failures, out
+
+
+def _tune_each(recipe, overrides, names, seed, trials, rounds, out, hw, resources, display: Display
+               ) -> dict[str, dict[str, Any]]:
+    """Every method tuned with the same budget (pfl.tune.plan_comparison); per method its best values and
+    where its study is."""
+    from pfl import tune as tune_mod
+
+    studies = tune_mod.plan_comparison(recipe, overrides, names, seed, trials, rounds, out.expanduser().absolute())
+    display.message(f"tuning {', '.join(names)}: {trials} trials each, {studies[0].rounds} rounds per trial, "
+                    f"objective: {tune_mod.OBJECTIVE_TEXT}")
+    tuned = {}
+    for study in studies:
+        with display.runs(f"tuning {study.method}", trials) as (on_event, on_outcome):
+            result = tune_mod.run_study(study, hw, resources, on_event, on_outcome)
+        display.tuned(result)
+        tuned[study.method] = {"values": result.best_values, "from": str(study.out)}
+    return tuned

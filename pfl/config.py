@@ -21,9 +21,14 @@ from pfl.models import MODEL_REGISTRY, ZOOS
 from pfl.schema import Config, Field
 
 __all__ = [
+    "LABEL_KEYS",
+    "PLACEMENT_KEYS",
+    "RELOCATABLE_KEYS",
     "SCHEMA",
     "Config",
     "Field",
+    "computation",
+    "first_difference",
     "from_toml",
     "full_schema",
     "list_recipes",
@@ -140,6 +145,27 @@ SCHEMA: dict[str, Field] = {
 # Keys a method may set differently from another in a comparison, and that `pfl tune` may search (with the
 # method's own table); every other key is the protocol, the same for every run of a comparison.
 HYPERPARAMETERS = ("lr", "momentum", "weight_decay", "grad_clip", "local_epochs", "batch_size")
+
+# What a run computes versus where and how it runs. PLACEMENT_KEYS say where the data set is found, where client
+# states live, what executes the rounds (a Flower run computes what a local run does) and how often it
+# checkpoints: runs that differ only in them (and in LABEL_KEYS) train the same clients on the same data with
+# the same draws, so `pfl compare` puts them in one table. They may still change a run's measured seconds.
+PLACEMENT_KEYS = frozenset({"data_dir", "download", "store", "engine", "checkpoint_every",
+                            *(key for key in SCHEMA if key.startswith("flower."))})
+LABEL_KEYS = frozenset({"name", "description"})  # what a run is called and shown as
+# Reusing a finished or interrupted run (pfl compare, pfl tune) is stricter: the run directory must be the one
+# this command would write (its config.toml, its engine's timings), except where the same data set now lives.
+RELOCATABLE_KEYS = frozenset({"data_dir"})
+
+
+def computation(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """The keys of a flat recipe that say what a run computes (no placement, no labels)."""
+    return {k: v for k, v in flat.items() if k not in PLACEMENT_KEYS and k not in LABEL_KEYS}
+
+
+def first_difference(a: Mapping[str, Any], b: Mapping[str, Any], ignore: frozenset[str] = frozenset()) -> str | None:
+    """The first key (in sorted order, outside `ignore`) whose value differs between two flat recipes."""
+    return next((k for k in sorted(set(a) | set(b)) if k not in ignore and a.get(k) != b.get(k)), None)
 
 
 def full_schema(methods: Mapping[str, Any] = ALGORITHMS) -> dict[str, Field]:

@@ -180,16 +180,15 @@ def finished(run_dir: Path) -> bool:
 
 
 def check_same_config(run_dir: Path, cfg: Config) -> None:
-    """A finished or interrupted run may be reused only if it was made with exactly this resolved recipe."""
+    """A finished or interrupted run may be reused only if it was made with exactly this resolved recipe
+    (its data set may have moved: config.RELOCATABLE_KEYS)."""
     old = rundir.load_run_config(run_dir).as_flat()
     new = cfg.as_flat()
-    for key in sorted(set(old) | set(new)):
-        if key in ("data_dir",):
-            continue
-        if old.get(key) != new.get(key):
-            which = "finished" if finished(run_dir) else "interrupted"
-            raise RunDirError(f"--out: the {which} run '{run_dir}' was made with {key}={old.get(key)!r}, this "
-                              f"command asks for {key}={new.get(key)!r}; use a new --out directory")
+    key = config_mod.first_difference(old, new, ignore=config_mod.RELOCATABLE_KEYS)
+    if key is not None:
+        which = "finished" if finished(run_dir) else "interrupted"
+        raise RunDirError(f"--out: the {which} run '{run_dir}' was made with {key}={old.get(key)!r}, this "
+                          f"command asks for {key}={new.get(key)!r}; use a new --out directory")
 
 
 def check_reusable(specs: list[RunSpec]) -> None:

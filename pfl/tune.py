@@ -47,9 +47,12 @@ from pfl.build import Hardware
 from pfl.config import HYPERPARAMETERS
 from pfl.errors import ConfigError, RunDirError, RunFailed, RunStopped
 from pfl.federation import Callbacks
+from pfl.files import atomic_file, atomic_write
 from pfl.parallel import Resources, RunOutcome, RunSpec, run_all
+from pfl.pictures import plot_study
 from pfl.schema import Config
 from pfl.seeding import derive_seed
+from pfl.trackers import check_trackers
 
 OBJECTIVE_ROUNDS = 3
 PRUNER_STARTUP = 2
@@ -191,13 +194,16 @@ class StudyPlan:
 
     def identity(self) -> dict[str, Any]:
         """What a rerun in the same directory must match (the trial count may grow)."""
-        return {"method": self.method, "recipe": {k: v for k, v in self.trial_flat.items() if k != "data_dir"},
+        recipe = {k: v for k, v in self.trial_flat.items() if k not in config_mod.RELOCATABLE_KEYS}
+        return {"method": self.method, "recipe": recipe,
                 "space": {k: d.spec() for k, d in self.space.items()}, "seeds": self.seeds}
 
 
 def plan_tune(recipe: str, overrides: list[str], method: str, space_specs: list[str] | None, trials: int,
-              seeds: int, seed: int | None, rounds: int | None, val_fraction: float | None, out: Path) -> StudyPlan:
-    """Validate a tune before anything runs or is written (ConfigError / RunDirError naming the option)."""
+              seeds: int, seed: int | None, rounds: int | None, val_fraction: float | None, out: Path,
+              trackers: tuple[str, ...] = ()) -> StudyPlan:
+    """Validate a tune before anything runs or is written (ConfigError / RunDirError naming the option).
+    `trackers`: where every trial run is also sent (pfl.trackers)."""
     if method not in ALGORITHMS:
         raise ConfigError(f"--method: unknown method {method!r}; known: {', '.join(sorted(ALGORITHMS))}")
     if trials < 1:
@@ -224,6 +230,7 @@ def plan_tune(recipe: str, overrides: list[str], method: str, space_specs: list[
     plan = StudyPlan(method, Path(out).expanduser().absolute(), trial.as_flat(),
                      {**final.as_flat(), "val_fraction": 0.0, "eval_test": True}, source, space, trials, seeds)
     check_out(plan)
+    plan.trackers = check_trackers(trackers)
     return plan
 
 
@@ -240,9 +247,8 @@ def check_out(plan: StudyPlan) -> None:
         mine = json.loads(json.dumps(plan.identity()))
         for part in ("method", "space", "seeds", "recipe"):
             if old.get(part) != mine[part]:
-                what = part if part != "recipe" else "recipe key " + next(
-                    (k for k in sorted(set(old["recipe"]) | set(mine["recipe"]))
-                     if old["recipe"].get(k) != mine["recipe"].get(k)), "?")
+                what = part if part != "recipe" else "recipe key " + (
+                    config_mod.first_difference(old["recipe"], mine["recipe"]) or "?")
                 raise RunDirError(f"--out: '{out}' holds a tune with a different {what}; use a new --out "
                                   f"directory (or the same command to continue it)")
     elif out.exists() and any(out.iterdir()):
@@ -442,9 +448,8 @@ def write_outputs(plan: StudyPlan, study) -> TuneResult:
     header = (f"# pfl tune: {plan.method}, best of {len(rows)} trials (trial {best.number}, objective "
               f"{best.value:.4f}: {OBJECTIVE_TEXT}, {plan.rounds} rounds per trial)\n"
               f"# tuned: {', '.join(f'{k}={v}' for k, v in best_values.items())}\n")
-    (out / ".best.toml.tmp").write_text(header + tomli_w.dumps(best_cfg.as_nested()), encoding="utf-8")
-    os.replace(out / ".best.toml.tmp", out / "best.toml")
-    plots = plot_study(plan, rows, best.number)
+    atomic_write(out / "best.toml", header + tomli_w.dumps(best_cfg.as_nested()))
+    plots = plot_study(out, plan.method, plan.space, rows, best.number)
     return TuneResult(plan, rows, best_values, float(best.value), best.number,
                       [out / "best.toml", out / "trials.csv", *plots])
 
@@ -454,71 +459,11 @@ def out_csv(plan: StudyPlan) -> Path:
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic_file(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
                          for r in rows)
-    os.replace(tmp, path)
-
-
-def plot_study(plan: StudyPlan, rows: list[dict[str, Any]], best_number: int) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import NullFormatter
-
-    paths = [plan.out / "tune_trials.png", plan.out / "tune_params.png"]
-    done = [r for r in rows if r["state"] == "complete"]
-    pruned = [r for r in rows if r["state"] == "pruned"]
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
-    ax.plot([r["trial"] for r in done], [100 * r["objective"] for r in done], "o", label="complete: objective")
-    ax.plot([r["trial"] for r in pruned], [100 * r["last_val_acc"] for r in pruned], "x", color="red", ms=8,
-            label="pruned: last validation accuracy")
-    best_so_far, xs, ys = -math.inf, [], []
-    for r in rows:
-        if r["state"] == "complete":
-            best_so_far = max(best_so_far, r["objective"])
-        if best_so_far > -math.inf:
-            xs.append(r["trial"])
-            ys.append(100 * best_so_far)
-    ax.step(xs, ys, where="post", color="black", lw=1, label="best so far")
-    ax.set_xlabel("trial")
-    ax.set_ylabel("validation accuracy (%)")
-    ax.set_title(f"pfl tune {plan.method}: objective per trial (best: trial {best_number})", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    fig.savefig(paths[0])
-    plt.close(fig)
-    keys = list(plan.space)
-    fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3.4), dpi=110, squeeze=False)
-    for ax, key in zip(axes[0], keys):
-        dim = plan.space[key]
-        for group, marker, color in ((done, "o", None), (pruned, "x", "red")):
-            xs = [r[key] for r in group]
-            ys = [100 * (r["objective"] if r["state"] == "complete" else r["last_val_acc"]) for r in group]
-            if dim.kind == "choice":
-                xs = [list(dim.choices).index(x) for x in xs]
-            ax.plot(xs, ys, marker, color=color, ls="")
-        if dim.kind == "choice":
-            ax.set_xticks(range(len(dim.choices)), [str(c) for c in dim.choices])
-        else:
-            if dim.kind in ("log", "int-log"):
-                ax.set_xscale("log")
-                ax.xaxis.set_minor_formatter(NullFormatter())
-            ax.set_xlim(dim.low, dim.high)
-        ax.set_xlabel(key)
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("validation accuracy (%)")
-    fig.suptitle(f"pfl tune {plan.method}: objective (o) or last value before pruning (x) per tuned key",
-                 fontsize=9)
-    fig.tight_layout()
-    fig.savefig(paths[1])
-    plt.close(fig)
-    return paths
 
 
 # ---------------------------------------------------------------- a fair comparison

@@ -66,3 +66,15 @@ def test_resolved_config_round_trips_through_toml(tmp_path):
     path.write_text(tomli_w.dumps(cfg.as_nested()))
     again, _ = config.load(str(path))
     assert again.as_flat() == cfg.as_flat()
+
+
+def test_placement_and_label_keys_are_recipe_keys_and_leave_the_computation():
+    """The one vocabulary of what a run computes (pfl compare, parallel, tune read it): a misspelt key there
+    would silently make a protocol key free."""
+    assert (config.PLACEMENT_KEYS | config.LABEL_KEYS).issubset(config.SCHEMA)
+    assert config.RELOCATABLE_KEYS <= config.PLACEMENT_KEYS
+    flat = config.resolve({}).as_flat()
+    kept = config.computation(flat)
+    assert "dataset" in kept and "lr" in kept and not set(kept) & (config.PLACEMENT_KEYS | config.LABEL_KEYS)
+    assert config.first_difference(flat, {**flat, "store": "disk", "lr": 0.5}) == "lr"
+    assert config.first_difference(flat, {**flat, "data_dir": "/x"}, ignore=config.RELOCATABLE_KEYS) is None

@@ -59,7 +59,8 @@ def test_local_phase_loss_is_mu_mix_of_combined_and_head_ce(make_cfg):
     h = m.model.phi(x)
     expected = 0.3 * F.cross_entropy(m.model.head(h) + m.adapter(h), y) + 0.7 * F.cross_entropy(m.model.head(h), y)
     assert torch.allclose(m.phase_named("local").loss(x, y), expected, atol=1e-6)
-    assert torch.allclose(m.phase_named("adapter").loss(x, y), F.cross_entropy(m.model.head(h) + m.adapter(h), y), atol=1e-6)
+    assert torch.allclose(m.phase_named("adapter").loss(x, y), F.cross_entropy(m.model.head(h) + m.adapter(h), y),
+                          atol=1e-6)
 
 
 def test_server_aggregate_is_the_sample_weighted_mean_by_hand(make_cfg):
