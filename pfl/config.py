@@ -18,7 +18,7 @@ from pfl.algorithms import ALGORITHMS
 from pfl.algorithms.aggregation import RULES
 from pfl.errors import ConfigError
 from pfl.models import MODEL_REGISTRY, ZOOS
-from pfl.schema import Config, Field
+from pfl.schema import TABLE_KINDS, Config, Field
 
 __all__ = [
     "LABEL_KEYS",
@@ -36,6 +36,7 @@ __all__ = [
     "parse_override",
     "read_recipe_file",
     "resolve",
+    "table_keys",
 ]
 
 
@@ -177,12 +178,18 @@ def full_schema(methods: Mapping[str, Any] = ALGORITHMS) -> dict[str, Field]:
     return schema
 
 
-def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def table_keys(methods: Mapping[str, Any] = ALGORITHMS) -> frozenset[str]:
+    """The recipe keys whose value is a whole TOML table (kind 'table[int]'), e.g. `pfedlora.ranks`."""
+    return frozenset(key for key, field in full_schema(methods).items() if field.kind in TABLE_KINDS)
+
+
+def _flatten(data: dict[str, Any], tables: frozenset[str], prefix: str = "") -> dict[str, Any]:
+    """Nested TOML tables -> dotted keys, except that a table-valued key (`tables`) keeps its table as one value."""
     flat: dict[str, Any] = {}
     for key, value in data.items():
         dotted = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(_flatten(value, dotted + "."))
+        if isinstance(value, dict) and dotted not in tables:
+            flat.update(_flatten(value, tables, dotted + "."))
         else:
             flat[dotted] = value
     return flat
@@ -194,8 +201,9 @@ def list_recipes() -> dict[str, Path]:
     return {Path(p.name).stem: Path(str(p)) for p in root.iterdir() if p.name.endswith(".toml")}
 
 
-def read_recipe_file(name_or_path: str) -> tuple[dict[str, Any], str]:
-    """Return the raw (flattened) recipe and where it came from: a bundled name or a TOML path."""
+def read_recipe_file(name_or_path: str, methods: Mapping[str, Any] = ALGORITHMS) -> tuple[dict[str, Any], str]:
+    """Return the raw (flattened) recipe and where it came from: a bundled name or a TOML path. `methods`: the
+    registry whose tables' table-valued keys stay whole."""
     recipes = list_recipes()
     if name_or_path in recipes:
         path = recipes[name_or_path]
@@ -212,11 +220,11 @@ def read_recipe_file(name_or_path: str) -> tuple[dict[str, Any], str]:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"--recipe: '{path}' is not valid TOML: {exc}") from None
-    return _flatten(data), str(path)
+    return _flatten(data, table_keys(methods)), str(path)
 
 
 def parse_override(text: str) -> tuple[str, Any]:
-    """`key=value` with the value read as TOML (numbers, true/false, [lists], "strings"); a bare word
+    """`key=value` with the value read as TOML (numbers, true/false, [lists], {tables}, "strings"); a bare word
     that is not TOML is taken as a string, so `--set dataset=fmnist` works without quotes."""
     if "=" not in text:
         raise ConfigError(f"--set '{text}': expected key=value, e.g. --set rounds=20")
@@ -285,6 +293,6 @@ def load(recipe: str, overrides: list[str] | None = None, seed: int | None = Non
     return resolve(raw, parsed), source
 
 
-def from_toml(text: str) -> Config:
+def from_toml(text: str, methods: Mapping[str, Any] = ALGORITHMS) -> Config:
     """A resolved config from TOML text (what a run directory's config.toml or a Flower message holds)."""
-    return resolve(_flatten(tomllib.loads(text)))
+    return resolve(_flatten(tomllib.loads(text), table_keys(methods)), methods=methods)

@@ -22,10 +22,34 @@ NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "fmnist": 10}
 IMAGE_SHAPES = {"cifar10": (3, 32, 32), "cifar100": (3, 32, 32), "fmnist": (1, 28, 28)}
 
 
+class FrozenTable(dict):
+    """A read-only dict: the value of a table setting in a method's frozen `Settings` (a recipe's
+    `Config` holds plain dicts). Hashable, so the `Settings` stays hashable; equal to a plain dict with the
+    same items; pickles and copies as itself."""
+
+    __slots__ = ()
+
+    def _read_only(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError("a recipe table is read-only")
+
+    __setitem__ = __delitem__ = __ior__ = clear = pop = popitem = setdefault = update = _read_only
+
+    def __hash__(self) -> int:  # type: ignore[override]
+        return hash(frozenset(self.items()))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (dict(self),)
+
+
+TABLE_KINDS = ("table[int]",)  # the kinds whose value is a TOML table (one key, not flattened into dotted keys)
+
+
 @dataclass(frozen=True)
 class Field:
-    """One recipe key: its type ('int', 'float', 'str', 'bool', 'list[str]', 'list[int]'), default,
-    an optional check returning an error text (None when fine), and a one-line help."""
+    """One recipe key: its type ('int', 'float', 'str', 'bool', 'list[str]', 'list[int]', or 'table[int]':
+    a table of names to integers, possibly empty), default, an optional check returning an error text (None
+    when fine; a table's check gets the whole table, e.g. to check its names), and a one-line help. `low` and
+    `high` bound a number, or every value of a table."""
 
     kind: str
     default: Any
@@ -49,7 +73,8 @@ class Field:
         if self.high is not None:
             bounds.append(("< " if self.high_open else "<= ") + _fmt(self.high))
         what = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
-                "list[str]": "a list of strings", "list[int]": "a list of integers"}[self.kind]
+                "list[str]": "a list of strings", "list[int]": "a list of integers",
+                "table[int]": "a table of names to integers"}[self.kind]
         return what + (" " + " and ".join(bounds) if bounds else "")
 
     def coerce(self, key: str, value: Any) -> Any:
@@ -85,20 +110,43 @@ class Field:
                 isinstance(v, item) and not isinstance(v, bool) for v in value
             ):
                 raise bad()
+        elif self.kind == "table[int]":
+            return self._coerce_table(value, bad)
         if self.choices is not None:
             items = value if isinstance(value, list) else [value]
             for v in items:
                 if v not in self.choices:
                     raise bad()
-        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
-            raise bad()
-        if self.high is not None and (value >= self.high if self.high_open else value > self.high):
+        if self._out_of_bounds(value):
             raise bad()
         if self.check is not None:
             reason = self.check(value)
             if reason:
                 raise bad(reason)
         return value
+
+    def _out_of_bounds(self, x: float) -> bool:
+        return ((self.low is not None and (x <= self.low if self.low_open else x < self.low))
+                or (self.high is not None and (x >= self.high if self.high_open else x > self.high)))
+
+    def _coerce_table(self, value: Any, bad: Callable[..., ConfigError]) -> dict[str, int]:
+        """A 'table[int]' value: a plain dict in the given order, every value an integer within the bounds."""
+        if not isinstance(value, Mapping):
+            raise bad()
+        table = {}
+        for name, v in value.items():
+            if not isinstance(name, str):
+                raise bad(f"got the name {name!r}")
+            if isinstance(v, float) and v.is_integer():
+                v = int(v)
+            if isinstance(v, bool) or not isinstance(v, int) or self._out_of_bounds(v):
+                raise bad(f"got {name} = {v!r}")
+            table[name] = v
+        if self.check is not None:
+            reason = self.check(table)
+            if reason:
+                raise bad(reason)
+        return table
 
 
 def _fmt(x: float) -> str:

@@ -8,8 +8,8 @@ Lightning's logger classes (`--logger tensorboard|mlflow|csv|wandb`, repeatable)
 - wandb: a run in project `pfl`, offline unless `WANDB_API_KEY` or `WANDB_MODE` is set (extra `.[wandb]`);
   the plots as images.
 
-The recipe goes in as hyper-parameters (flat dotted keys), every numeric column of a round's metrics.csv
-row that has a value as a metric at step = round.
+The recipe goes in as hyper-parameters (flat dotted keys; a list or table value as one string), every numeric
+column of a round's metrics.csv row that has a value as a metric at step = round.
 """
 
 from __future__ import annotations
@@ -67,6 +67,16 @@ def _make(name: str, run_dir: Path, cfg):
                                offline=offline)
 
 
+def _param(value: Any) -> Any:
+    """One recipe value as one hyper-parameter: a list as 'a, b', a table as '{a = 1, b = 2}' (the loggers would
+    split a dict into one key per entry and drop an empty one)."""
+    if isinstance(value, list):
+        return ", ".join(map(str, value))
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {v}" for k, v in value.items()) + "}"
+    return value
+
+
 class Trackers(Callbacks):
     """Sends one run to its trackers: hyper-parameters when it starts, metrics every round, plots when it
     ends (`finish`). The run directory is the staging directory while the run is written."""
@@ -76,7 +86,7 @@ class Trackers(Callbacks):
         self.loggers = {name: _make(name, Path(run_dir), cfg) for name in names}
 
     def on_run_start(self, run) -> None:
-        params = {k: (", ".join(map(str, v)) if isinstance(v, list) else v) for k, v in self.cfg.as_flat().items()}
+        params = {k: _param(v) for k, v in self.cfg.as_flat().items()}
         for logger in self.loggers.values():
             logger.log_hyperparams(params)
 

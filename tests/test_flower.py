@@ -96,13 +96,19 @@ def read_rows(path: Path) -> list[dict]:
 
 # ---------------------------------------------------------------- simulation
 
-@pytest.mark.parametrize("method", ["pfedlora", "fedkd", "fedssa", "pfedafm"])
-def test_simulation_equals_local_run_bit_for_bit(tmp_path, method):
+BIT_FOR_BIT = {"pfedlora": {}, "fedkd": {}, "fedssa": {}, "pfedafm": {},
+               "pfedlora-svd-ranks": {"method": "pfedlora", "pfedlora.aggregation": "svd",
+                                      "pfedlora.ranks": {"cnn1": 2, "cnn2": 4}}}
+
+
+@pytest.mark.parametrize("case", sorted(BIT_FOR_BIT))
+def test_simulation_equals_local_run_bit_for_bit(tmp_path, case):
     """3 clients, 2 rounds through Flower's simulation (Ray actors, 1 thread each; the server with 1 thread)
     end exactly where the local engine ends with 1 thread: private states survive between rounds on the nodes,
     and the server state (FedKD: mentee, compressed update, per-client versions) travels exactly; FedSSA's
-    owned head rows and pFedAFM's alpha and received extractor stay on the nodes."""
-    cfg = _cfg(method=method)
+    owned head rows and pFedAFM's alpha and received extractor stay on the nodes; pFedLoRA's FlexLoRA
+    aggregation sends each client (ranks 2, 4, 8) its own truncated SVD."""
+    cfg = _cfg(**{"method": case, **BIT_FOR_BIT[case]})
     flower_dir, local_dir = tmp_path / "flower", tmp_path / "local"
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the server step (FedKD: SVD) runs in this process under either engine
@@ -123,11 +129,12 @@ def test_simulation_equals_local_run_bit_for_bit(tmp_path, method):
         flower_state, local_state = load_file(str(flower_dir / name)), load_file(str(local_dir / name))
         assert flower_state.keys() == local_state.keys()
         assert all(torch.equal(flower_state[n], local_state[n]) for n in flower_state)
-    if method != "pfedlora":
+    if not case.startswith("pfedlora"):
         return
-    # pFedLoRA's wire: each client sends and receives A (r x d) and B (C x r) in float32
-    r, d, c = cfg["pfedlora.rank"], cfg.representation_dim, cfg.num_classes
-    assert int(flower_rows[0]["bytes_up"]) == 3 * 4 * (r * d + c * r) == int(flower_rows[0]["bytes_down"])
+    # pFedLoRA's wire: each client sends and receives A (r x d) and B (C x r) in float32, at its own rank
+    ranks = [2, 4, 8] if case == "pfedlora-svd-ranks" else [cfg["pfedlora.rank"]] * 3
+    d, c = cfg.representation_dim, cfg.num_classes
+    assert int(flower_rows[0]["bytes_up"]) == 4 * sum(r * d + c * r for r in ranks) == int(flower_rows[0]["bytes_down"])
 
 
 def test_simulation_drops_crashed_hung_nan_and_misshaped_clients(tmp_path, caplog):

@@ -32,25 +32,38 @@ from torchmetrics.classification import MulticlassAccuracy
 from pfl.algorithms.aggregation import Rule
 from pfl.data.batches import BatchTransform
 from pfl.data.partition import ClientData
-from pfl.schema import Config, Field, Tensors
+from pfl.schema import Config, Field, FrozenTable, Tensors
 
-_KINDS = {int: "int", float: "float", str: "str", bool: "bool"}
+# A setting's annotation -> its recipe kind (pfl.schema.Field). A `dict[str, int]` setting is a table of names
+# to integers: `ranks = { cnn1 = 2 }` in the method's recipe table; its value in `Settings` is read-only.
+_KINDS: dict[Any, str] = {int: "int", float: "float", str: "str", bool: "bool", dict[str, int]: "table[int]"}
 
 
 def setting(default: Any, help: str, *, key: str | None = None, choices: tuple[str, ...] | None = None,
             low: float | None = None, high: float | None = None, low_open: bool = False,
             check: Callable[[Any], str | None] | None = None) -> Any:
     """A method's setting: a field of its `Settings` dataclass that is also the recipe key `<method>.<key>`
-    (`key` defaults to the field's name; give it where the recipe's name is not an identifier: `lambda`)."""
+    (`key` defaults to the field's name; give it where the recipe's name is not an identifier: `lambda`).
+    A `dict[str, int]` setting takes a dict default (usually `{}`); `low`/`high` bound each of its values and
+    `check` gets the whole table (e.g. to check its names)."""
     spec = {"help": help, "key": key, "choices": choices, "low": low, "high": high, "low_open": low_open,
             "check": check}
+    if isinstance(default, dict):
+        default = FrozenTable(default)  # immutable, so a dataclass default may be one
     return dataclasses.field(default=default, metadata={"pfl": spec})
 
 
 @dataclass(frozen=True)
 class Settings:
     """A method's own recipe keys, typed and read-only: `self.settings.rank`, never `settings["rank"]`.
-    A method subclasses it (still `@dataclass(frozen=True)`) with one `setting(...)` per key."""
+    A method subclasses it (still `@dataclass(frozen=True)`) with one `setting(...)` per key. A table
+    setting (`dict[str, int]`) holds a read-only dict (`FrozenTable`), so a `Settings` stays hashable."""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, dict) and not isinstance(value, FrozenTable):
+                object.__setattr__(self, f.name, FrozenTable(value))
 
     @classmethod
     def schema(cls) -> dict[str, Field]:
@@ -60,7 +73,11 @@ class Settings:
         for f in dataclasses.fields(cls):
             spec = dict(f.metadata["pfl"])
             key = spec.pop("key") or f.name
-            out[key] = Field(_KINDS[hints[f.name]], f.default, **spec)
+            if hints[f.name] not in _KINDS:
+                raise TypeError(f"{cls.__qualname__}.{f.name}: a setting is one of "
+                                f"{', '.join(map(_type_name, _KINDS))}, got {_type_name(hints[f.name])}")
+            default = dict(f.default) if isinstance(f.default, dict) else f.default  # a Config holds plain dicts
+            out[key] = Field(_KINDS[hints[f.name]], default, **spec)
         return out
 
     @classmethod
@@ -69,6 +86,10 @@ class Settings:
         for f in dataclasses.fields(cls):
             values[f.name] = cfg[f"{method}.{f.metadata['pfl']['key'] or f.name}"]
         return cls(**values)
+
+
+def _type_name(annotation: Any) -> str:
+    return annotation.__name__ if isinstance(annotation, type) else str(annotation)
 
 
 @dataclass(frozen=True, eq=False)
