@@ -12,6 +12,7 @@ from datetime import datetime
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from cli import flower, ui
@@ -167,7 +168,7 @@ class _CompareDisplay:
     """pfl.compare.Display on the terminal: a progress display per batch of runs, each tune's table."""
 
     def message(self, text: str) -> None:
-        console.print(f"[bold]pfl compare[/] {text}")
+        console.print(f"[bold]pfl compare[/] {escape(text)}")
 
     @contextmanager
     def runs(self, title: str, total: int) -> Iterator[tuple]:
@@ -186,7 +187,9 @@ def compare(
     methods: str | None = typer.Option(None, "--methods", "-m",
                                           help="comma-separated methods or groups: paper (default: pFedLoRA and "
                                           "the six baselines), later (FD, FedTGP, FedMRL, pFedES, FedSSA, pFedAFM), "
-                                          "all"),
+                                          "all; an entry may fix the method's own settings, e.g. \"pfedlora, "
+                                          "pfedlora(rank=4, mu=0.5)\" (an ablation; the first entry is the "
+                                          "reference)"),
     set_: list[str] | None = typer.Option(None, "--set", "-s", help="override a recipe key for all runs: key=value"),
     seeds: int = typer.Option(1, "--seeds", help="number of seeds: the recipe's seed, seed+1, ..."),
     seed: int | None = typer.Option(None, "--seed", help="first seed (default: the recipe's)"),
@@ -218,14 +221,16 @@ def compare(
         done = cmp.compare(recipe, [*(from_ or []), *(more or [])], methods, set_ or [], seeds, seed, out,
                            tune_trials, tune_rounds, tuple(logger or ()),
                            lambda: ui.runs_hardware(runs), _CompareDisplay())
-    table = Table(title="comparison", caption=cmp.describe(done.records))
-    for col in cmp.TABLE_COLUMNS:
-        table.add_column(col, justify="left" if col in ("method", "tuned") else "right")
-    for cells in cmp.table_rows([r for r in done.rows if r["seeds"]]):
-        table.add_row(*cells)
+    table = Table(title="comparison", caption=escape(cmp.describe(done.records, done.order)))
+    for col in cmp.table_columns(done.reference):
+        table.add_column(escape(col), justify="left" if col in ("method", "tuned") else "right",
+                         no_wrap=col == "method", overflow="fold")  # an entry's label stays whole
+    for cells in cmp.table_rows([r for r in done.rows if r["seeds"]], done.reference):
+        table.add_row(*map(escape, cells))  # an entry's value may hold brackets
     ui.wide_console(200).print(table)
-    console.print(f"ratios in brackets: method / {cmp.REFERENCE}; * : the 95% interval of the paired difference "
-                  f"excludes 0; written: " + ", ".join(str(p) for p in done.written), highlight=False, soft_wrap=True)
+    console.print(f"ratios in brackets: method / {escape(done.reference)}; * : the 95% interval of the paired "
+                  f"difference excludes 0; written: " + ", ".join(str(p) for p in done.written), highlight=False,
+                  soft_wrap=True)
     if done.failures:
         for method, seed_, why in done.failures:
             ui.say(f"failed: {method} seed {seed_}: {why}")
@@ -330,11 +335,24 @@ def models(
                          ("MFLOPs", "right"), ("zoos", "left")):
         table.add_column(col, justify=justify, no_wrap=col != "zoos")
     table.caption = "MFLOPs: forward pass of one sample (measured); zoos: the named zoos that include the model"
+    ranks = _adapter_ranks(cfg) if recipe else {}
+    if ranks:
+        table.add_column("adapter rank", justify="right")
+        table.caption += "; adapter rank: pFedLoRA's rank for the recipe's clients of that model"
     for name in names:
         info = describe_model(name, shape, classes, d)
         table.add_row(name, f"{info['params']:,}", f"{info['phi_params']:,}", f"{info['head_params']:,}",
-                      f"{info['forward_flops'] / 1e6:,.1f}", ", ".join(zoos[name]))
+                      f"{info['forward_flops'] / 1e6:,.1f}", ", ".join(zoos[name]),
+                      *([str(ranks.get(name, "-"))] if ranks else []))
     console.print(table)
+
+
+def _adapter_ranks(cfg) -> dict[str, int]:
+    """Architecture -> adapter rank, for a method whose clients carry adapters of per-architecture ranks."""
+    from pfl.algorithms import ALGORITHMS, TaskSpec
+
+    algorithm = ALGORITHMS[cfg.method](cfg, TaskSpec(cfg.image_shape, cfg.num_classes, cfg.representation_dim, None))
+    return dict(getattr(algorithm, "arch_ranks", {}))
 
 
 @app.command()

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -160,7 +161,7 @@ class RunsProgress:
         label = event["label"]
         if event["event"] == "start":
             if label not in self.tasks:
-                self.tasks[label] = self.progress.add_task(label, total=event["rounds"], acc="-")
+                self.tasks[label] = self.progress.add_task(escape(label), total=event["rounds"], acc="-")
             self.progress.update(self.tasks[label], completed=event["round"])
             return
         acc, val = event.get("acc"), event.get("val_acc")
@@ -170,7 +171,7 @@ class RunsProgress:
         if label in self.tasks:
             self.progress.update(self.tasks[label], completed=event["round"], acc=shown)
         if not console.is_terminal:
-            console.print(f"{label}: round {event['round']}: mean acc {shown}", highlight=False, soft_wrap=True)
+            console.print(f"{escape(label)}: round {event['round']}: mean acc {shown}", highlight=False, soft_wrap=True)
 
     def on_outcome(self, outcome) -> None:
         task = self.tasks.pop(outcome.label, None)
@@ -223,7 +224,7 @@ def print_run(run_dir, summary: dict[str, Any]) -> None:
 
 def print_tune(result) -> None:
     plan = result.plan
-    table = Table(title=f"pfl tune {plan.method}: {len(result.rows)} trials, objective = validation accuracy")
+    table = Table(title=f"pfl tune {escape(plan.label)}: {len(result.rows)} trials, objective = validation accuracy")
     for col in ("trial", "state", "objective", *plan.space, "rounds run"):
         table.add_column(col, justify="left" if col == "state" else "right")
     for r in result.rows:

@@ -1,26 +1,34 @@
 """`pfl compare`: several methods on the same recipe, partitions and seeds; one table and three plots.
 
+An entry of `--methods` is a method, a group of methods, or a method with some of its own settings fixed,
+`pfedlora(rank=4, mu=0.5)` (an ablation): its label (the entry's text, normalised) names its row, its
+curves and its run directories. The first entry is the reference of the paired differences and ratios.
+
 Layout of a comparison directory:
 
-    runs/<method>-seed<S>/   an ordinary run directory per (method, seed), written by `pfl.run.train`
-    comparison.csv           one row per method: accuracy mean and std over seeds, costs, to-target costs
+    runs/<entry>-seed<S>/    an ordinary run directory per (entry, seed), written by `pfl.run.train`; <entry> is
+                             the method, then `-key=value` per fixed setting (`Entry.slug`); the label is in
+                             the run's summary.json (`entry`)
+    comparison.csv           one row per entry: accuracy mean and std over seeds, costs, to-target costs
     comparison.md            the same table in Markdown, with the protocol it was measured under
     accuracy_vs_round.png    mean accuracy per round (mean over seeds, band: min-max over seeds)
     accuracy_vs_bytes.png    mean accuracy against bytes communicated so far (both directions)
-    per_client.png           every method's final accuracy per client (mean over seeds), side by side
+    per_client.png           every entry's final accuracy per client (mean over seeds), side by side
 
 A finished run (it has summary.json, which `train` writes last) is reused when the comparison is run
 again with the same output directory, after checking that it was made with the same resolved recipe.
-Ratios compare each method with pFedLoRA as "method / pFedLoRA", so 7.4 means the method needed 7.4x
-what pFedLoRA needed (the paper's "7.41x less communication").
+Ratios compare each entry with the first as "entry / first", so with pFedLoRA first 7.4 means the method
+needed 7.4x what pFedLoRA needed (the paper's "7.41x less communication").
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -40,11 +48,10 @@ from pfl.pictures import plot_client_comparison, plot_comparison
 from pfl.rundir import load_run_config, read_per_client
 from pfl.schema import Config
 
-REFERENCE = "pfedlora"
 # The protocol, which every run of one comparison must share, is what a run computes (config.computation)
 # except the comparison's own axes: method, seed and a method's hyperparameters (config.HYPERPARAMETERS and
-# its own table; each method may run with its own (tuned) values, the same for all its seeds; values that
-# differ between methods are listed with the table).
+# its own table; each entry may run with its own (tuned or fixed) values, the same for all its seeds; values
+# that differ between entries are listed with the table).
 
 
 @dataclass
@@ -55,32 +62,182 @@ class RunRecord:
     config: Config
     summary: dict[str, Any]
     history: list[dict[str, float]]
+    label: str  # the entry the run belongs to (`Entry.label`; the method for a run made outside compare)
 
 
-def run_dir_for(out: Path, method: str, seed: int) -> Path:
-    return out / "runs" / f"{method}-seed{seed}"
+# ------------------------------------------------------------------ entries of --methods
+
+# Names `--methods` accepts for groups of methods.
+METHOD_GROUPS = {"paper": PAPER_METHODS, "later": LATER_METHODS, "all": PAPER_METHODS + LATER_METHODS}
+ENTRY_HELP = "a method, a group (paper, later, all) or method(key=value, ...) with the method's own settings"
+_PLAIN_VALUE = re.compile(r"[A-Za-z0-9._+-]+")
 
 
-def plan(recipe: str, overrides: list[str], methods: list[str], seeds: int,
+@dataclass(frozen=True)
+class Entry:
+    """One entry of `--methods`: a method, and the settings of its own (`<method>.<key>` without the prefix)
+    that the entry fixes, as (key, value text) in the order given; values are read like `--set` values."""
+
+    method: str
+    settings: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def label(self) -> str:
+        """The row's name: 'pfedlora', or 'pfedlora(rank=4, mu=0.5)' (keys in the order given)."""
+        pairs = ", ".join(f"{key}={value}" for key, value in self.settings)
+        return f"{self.method}({pairs})" if self.settings else self.method
+
+    @property
+    def overrides(self) -> dict[str, Any]:
+        """The recipe keys the entry fixes, with their values read as `--set` reads them."""
+        return dict(config_mod.parse_override(f"{self.method}.{key}={value}") for key, value in self.settings)
+
+    @property
+    def slug(self) -> str:
+        """Its directories' name (runs/<slug>-seed<S>, tune/<slug>): the method, then `-key=value` per setting.
+        A value with characters other than letters, digits and `._+-` has them written as `_` and the label's
+        hash appended, so that different labels never share a directory."""
+        text = self.method + "".join(f"-{key}={re.sub(r'[^A-Za-z0-9._+-]', '_', value)}"
+                                     for key, value in self.settings)
+        if all(_PLAIN_VALUE.fullmatch(value) for _, value in self.settings) and len(text) <= 100:
+            return text
+        return f"{text[:80]}-{hashlib.sha256(self.label.encode()).hexdigest()[:8]}"
+
+
+class _Unbalanced(Exception):
+    """Brackets or quotes that do not pair up; `args[0]`: the piece of text where they do not."""
+
+
+_CLOSING = {")": "(", "]": "[", "}": "{"}
+
+
+def _split_top(text: str) -> list[str]:
+    """`text` cut at the commas outside (), [], {} and quotes (a TOML list or table stays one value)."""
+    parts, stack, start = [], [], 0
+    for i, c in enumerate(text):
+        if stack and stack[-1] in "\"'":
+            if c == stack[-1]:
+                stack.pop()
+        elif c in "([{\"'":
+            stack.append(c)
+        elif c in _CLOSING:
+            if not stack or stack[-1] != _CLOSING[c]:
+                end = text.find(",", i)
+                raise _Unbalanced(text[start:end if end >= 0 else None])
+            stack.pop()
+        elif c == "," and not stack:
+            parts.append(text[start:i])
+            start = i + 1
+    if stack:
+        raise _Unbalanced(text[start:])
+    parts.append(text[start:])
+    return parts
+
+
+def _known_methods() -> str:
+    return f"known: {', '.join(sorted(ALGORITHMS))}, or a group: {', '.join(METHOD_GROUPS)}"
+
+
+def _parse_entry(item: str) -> list[Entry]:
+    """One entry (already cut from the list and stripped): the entries it stands for (a group: several)."""
+    name, paren, rest = item.partition("(")
+    name = name.strip()
+    if not paren:
+        if name in METHOD_GROUPS:
+            return [Entry(m) for m in METHOD_GROUPS[name]]
+        if name not in ALGORITHMS:
+            raise ConfigError(f"--methods: unknown method {name!r}; {_known_methods()}")
+        return [Entry(name)]
+    where = f"--methods: entry {item!r}"
+    if name in METHOD_GROUPS:
+        raise ConfigError(f"{where}: {name} is a group of methods; settings go on one method, e.g. "
+                          f"{METHOD_GROUPS[name][0]}(key=value)")
+    if name not in ALGORITHMS:
+        raise ConfigError(f"--methods: unknown method {name!r} in {item!r}; {_known_methods()}")
+    try:
+        pairs = _split_top(rest[:-1]) if rest.endswith(")") else None
+    except _Unbalanced:
+        pairs = None
+    if pairs is None:
+        raise ConfigError(f"{where}: expected {name}(key=value, ...) with nothing after its ')'")
+    own = ALGORITHMS[name].SETTINGS
+    allowed = f"its settings: {', '.join(own)}" if own else f"{name} has no settings of its own"
+    if not rest[:-1].strip():
+        raise ConfigError(f"{where}: nothing inside the parentheses; write {name} for its defaults or "
+                          f"{name}(key=value, ...) ({allowed})")
+    settings: dict[str, str] = {}
+    for pair in pairs:
+        key, equals, value = (part.strip() for part in pair.partition("="))
+        if not equals or not key:
+            raise ConfigError(f"{where}: expected key=value inside the parentheses, got {pair.strip()!r} "
+                              f"({allowed})" if pair.strip() else f"{where}: an empty setting; {allowed}")
+        if key not in own:
+            raise ConfigError(f"{where}: {key!r} is not a setting of {name} ({allowed}; shared "
+                              f"hyperparameters such as lr go in --set or --tune-trials)")
+        if key in settings:
+            raise ConfigError(f"{where}: {key!r} is given twice")
+        settings[key] = value
+    return [Entry(name, tuple(settings.items()))]
+
+
+def parse_entries(text: str | None) -> list[Entry]:
+    """`--methods`: comma-separated entries (commas inside parentheses belong to their entry), each a method,
+    a group (paper: pFedLoRA and its six baselines; later: the six later methods; all: both, thirteen) or
+    `method(key=value, ...)` with some of the method's own settings; default paper. ConfigError names the
+    entry; values are checked against the recipe in `plan`."""
+    try:
+        items = _split_top(text or "paper")
+    except _Unbalanced as exc:
+        raise ConfigError(f"--methods: entry {exc.args[0].strip()!r}: unbalanced parentheses (or brackets or "
+                          f"quotes); write method(key=value, ...)") from None
+    entries: list[Entry] = []
+    given: dict[str, str] = {}  # label -> the item that gave it (a group gives several)
+    for n, item in enumerate(items, 1):
+        if not item.strip():
+            raise ConfigError(f"--methods: entry {n} of {text!r} is empty; give {ENTRY_HELP}")
+        for entry in _parse_entry(item.strip()):
+            if entry.label in given:
+                groups = [g for g in (given[entry.label], item.strip()) if g in METHOD_GROUPS]
+                raise ConfigError(f"--methods: {entry.label!r} is listed twice"
+                                  + (f" (the group {groups[0]} includes it)" if groups else ""))
+            given[entry.label] = item.strip()
+            entries.append(entry)
+    seen: dict[str, str] = {}
+    for entry in entries:
+        other = seen.get(entry.slug.lower())
+        if other is not None:
+            raise ConfigError(f"--methods: {other!r} and {entry.label!r} would share run directories; write one "
+                              f"of them differently")
+        seen[entry.slug.lower()] = entry.label
+    return entries
+
+
+def run_dir_for(out: Path, slug: str, seed: int) -> Path:
+    return out / "runs" / f"{slug}-seed{seed}"
+
+
+def plan(recipe: str, overrides: list[str], entries: list[Entry], seeds: int,
          seed: int | None = None, tuned_values: dict[str, dict[str, Any]] | None = None
-         ) -> list[tuple[str, int, Config, str]]:
-    """(method, seed, resolved config, recipe source) for every run, all validated before any runs.
-    `tuned_values`: per method, recipe keys set to what tuning found (on top of --set)."""
-    unknown = [m for m in methods if m not in ALGORITHMS]
-    if unknown:
-        raise ConfigError(f"--methods: unknown method {unknown[0]!r}; known: {', '.join(sorted(ALGORITHMS))}")
-    if len(set(methods)) != len(methods):
-        raise ConfigError(f"--methods: a method is listed twice: {','.join(methods)}")
+         ) -> list[tuple[Entry, int, Config, str]]:
+    """(entry, seed, resolved config, recipe source) for every run, all validated before any runs: --set, then
+    the entry's settings, then `tuned_values` (per entry label: recipe keys set to what tuning found)."""
     raw, source = config_mod.read_recipe_file(recipe)
     parsed = dict(config_mod.parse_override(o) for o in overrides)
     if "method" in parsed or "seed" in parsed:
         raise ConfigError("--set: 'method' and 'seed' are chosen by --methods and --seeds in `pfl compare`")
     first = config_mod.resolve(raw, {**parsed, **({"seed": seed} if seed is not None else {})}).seed
+    for entry in entries:  # an entry's values are checked as `--set <method>.<key>=<value>` would be
+        if entry.settings:
+            try:
+                config_mod.resolve(raw, {**parsed, **entry.overrides, "method": entry.method})
+            except ConfigError as exc:
+                raise ConfigError(f"--methods: entry {entry.label!r}: {exc}") from None
     runs = []
     for s in range(first, first + seeds):
-        for m in methods:
-            tuned = (tuned_values or {}).get(m, {})
-            runs.append((m, s, config_mod.resolve(raw, {**parsed, **tuned, "method": m, "seed": s}), source))
+        for e in entries:
+            tuned = (tuned_values or {}).get(e.label, {})
+            runs.append((e, s, config_mod.resolve(raw, {**parsed, **e.overrides, **tuned, "method": e.method,
+                                                        "seed": s}), source))
     return runs
 
 
@@ -102,7 +259,10 @@ def load_run(run_dir: Path) -> RunRecord:
         raise RunDirError(f"'{run_dir}': summary.json or metrics.csv is unreadable: {exc}") from None
     if not history or "flops_cumulative" not in history[0]:
         raise RunDirError(f"'{run_dir}': metrics.csv has no cost columns; it was written by an older pfl")
-    return RunRecord(cfg.method, cfg.seed, run_dir, cfg, summary, history)
+    label = summary.get("entry", cfg.method)
+    if not isinstance(label, str) or label.partition("(")[0] != cfg.method:
+        raise RunDirError(f"'{run_dir}': summary.json's entry {label!r} is not a run of {cfg.method}")
+    return RunRecord(cfg.method, cfg.seed, run_dir, cfg, summary, history, label)
 
 
 def collect_runs(paths: list[Path]) -> list[RunRecord]:
@@ -121,12 +281,27 @@ def collect_runs(paths: list[Path]) -> list[RunRecord]:
             raise RunDirError(f"--from: '{path}' is neither a pfl run directory nor a comparison directory")
     seen = {}
     for r in records:
-        if (r.method, r.seed) in seen:
-            raise RunDirError(f"--from: two runs of {r.method} with seed {r.seed}: '{seen[r.method, r.seed]}' "
+        if (r.label, r.seed) in seen:
+            raise RunDirError(f"--from: two runs of {r.label} with seed {r.seed}: '{seen[r.label, r.seed]}' "
                               f"and '{r.run_dir}'")
-        seen[r.method, r.seed] = r.run_dir
+        seen[r.label, r.seed] = r.run_dir
     check_comparable(records)
     return records
+
+
+def table_order(paths: list[Path]) -> list[str]:
+    """The row order of the comparison.csv in each comparison directory among `paths` (the order its entries
+    were given in), so that --from rebuilds the same table; entries it does not list come after them."""
+    order: list[str] = []
+    for path in paths:
+        table = Path(path) / "comparison.csv"
+        if (Path(path) / "runs").is_dir() and table.is_file():
+            try:
+                with open(table, newline="", encoding="utf-8") as f:
+                    order += [row["method"] for row in csv.DictReader(f) if row.get("method")]
+            except (OSError, csv.Error, UnicodeDecodeError):
+                continue  # an unreadable table: the default order
+    return list(dict.fromkeys(order))
 
 
 def _protocol(cfg: Config) -> dict[str, Any]:
@@ -151,15 +326,15 @@ def check_comparable(records: list[RunRecord]) -> None:
             raise RunDirError(f"runs '{first.run_dir}' and '{r.run_dir}' differ in recipe key '{key}' "
                               f"({base.get(key)!r} vs {other.get(key)!r}); they cannot be compared")
     settings: dict[str, tuple[Path, dict[str, Any]]] = {}
-    for r in records:
+    for r in records:  # entries of one method differ in its settings on purpose; one entry's seeds may not
         mine = _hyperparameters(r.config)
-        if r.method in settings and settings[r.method][1] != mine:
-            other_dir, theirs = settings[r.method]
+        if r.label in settings and settings[r.label][1] != mine:
+            other_dir, theirs = settings[r.label]
             key = config_mod.first_difference(mine, theirs)
-            raise RunDirError(f"runs '{other_dir}' and '{r.run_dir}' of {r.method} differ in '{key}' "
-                              f"({theirs.get(key)!r} vs {mine.get(key)!r}); every seed of a method must use the "
+            raise RunDirError(f"runs '{other_dir}' and '{r.run_dir}' of {r.label} differ in '{key}' "
+                              f"({theirs.get(key)!r} vs {mine.get(key)!r}); every seed of an entry must use the "
                               f"same settings")
-        settings[r.method] = (r.run_dir, mine)
+        settings[r.label] = (r.run_dir, mine)
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -169,32 +344,27 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
 
 
-# Names `--methods` accepts for groups of methods.
-METHOD_GROUPS = {"paper": PAPER_METHODS, "later": LATER_METHODS, "all": PAPER_METHODS + LATER_METHODS}
-
-
-def method_names(text: str | None) -> list[str]:
-    """`--methods`: comma-separated names and groups (paper: pFedLoRA and its six baselines; later: the six
-    later methods; all: both, thirteen); default paper."""
-    names: list[str] = []
-    for item in (text or "paper").split(","):
-        item = item.strip()
-        names.extend(METHOD_GROUPS.get(item, (item,)) if item else ())
-    return names
-
-
-def _method_order(record: RunRecord) -> tuple[int, str, int]:
-    """pFedLoRA first, then the baselines in the paper's order, the later methods, any other; seeds ascending."""
+def _default_rank(label: str) -> tuple[int, str, bool, str]:
+    """pFedLoRA first, then the baselines in the paper's order, the later methods, any other; a method's
+    entries with settings after the method itself."""
     order = {m: i for i, m in enumerate(PAPER_METHODS + LATER_METHODS)}
-    return order.get(record.method, len(order)), record.method, record.seed
+    method = label.partition("(")[0]
+    return order.get(method, len(order)), method, label != method, label
 
 
-def _by_method(records: list[RunRecord]) -> dict[str, list[RunRecord]]:
-    """Each method's runs, methods and seeds in `_method_order`."""
-    by_method: dict[str, list[RunRecord]] = {}
-    for r in sorted(records, key=_method_order):
-        by_method.setdefault(r.method, []).append(r)
-    return by_method
+def ordered_labels(labels: list[str], first: list[str] | None = None) -> list[str]:
+    """Every label once: those in `first` in its order, then the others in the default order."""
+    present = dict.fromkeys(labels)
+    head = [label for label in dict.fromkeys(first or []) if label in present]
+    return head + sorted(set(present) - set(head), key=_default_rank)
+
+
+def _by_label(records: list[RunRecord], order: list[str]) -> dict[str, list[RunRecord]]:
+    """Each entry's runs (seeds ascending), entries in `order` (every label of `records` is in it)."""
+    by_label: dict[str, list[RunRecord]] = {label: [] for label in order}
+    for r in sorted(records, key=lambda r: r.seed):
+        by_label[r.label].append(r)
+    return {label: runs for label, runs in by_label.items() if runs}
 
 
 def paired_interval(diffs: list[float], level: float = 0.95) -> tuple[float, float]:
@@ -208,20 +378,31 @@ def paired_interval(diffs: list[float], level: float = 0.95) -> tuple[float, flo
     return mean - half, mean + half
 
 
-def summarise(records: list[RunRecord], failures: list[tuple[str, int, str]] | None = None
-              ) -> list[dict[str, Any]]:
-    """One row per method (pFedLoRA, then the paper's baselines, then others): accuracy mean/std over seeds,
-    the paired difference to pFedLoRA with its 95% t interval, per-round costs, and to-target costs with
-    their ratio to pFedLoRA's. `failures` (method, seed, why) are listed in the row of their method."""
-    by_method = _by_method(records)
+NOT_TUNED = "not tuned: the entry fixes its whole search space"
+
+
+def _tuned_cell(summary: dict[str, Any]) -> str:
+    tuned = summary.get("tuned") or {}
+    values = "; ".join(f"{k}={v}" for k, v in tuned.get("values", {}).items())
+    return values or (NOT_TUNED if tuned.get("not_tuned") else "")
+
+
+def summarise(records: list[RunRecord], failures: list[tuple[str, int, str]] | None = None,
+              order: list[str] | None = None) -> list[dict[str, Any]]:
+    """One row per entry, in `order` (labels; the others, or all without it, in the default order: pFedLoRA,
+    the paper's baselines, the later methods, others): accuracy mean/std over seeds, the paired difference to
+    the first row's entry (the reference) with its 95% t interval, per-round costs, and to-target costs with
+    their ratio to the reference's. `failures` (label, seed, why) are listed in the row of their entry."""
     failed: dict[str, list[str]] = {}
-    for method, seed, why in failures or []:
-        failed.setdefault(method, []).append(f"seed {seed}: {why}")
-        by_method.setdefault(method, [])
+    for label, seed, why in failures or []:
+        failed.setdefault(label, []).append(f"seed {seed}: {why}")
+    order = ordered_labels([r.label for r in records] + list(failed), order)
+    by_label = _by_label(records, order)
     rows = []
-    for method, runs in by_method.items():
-        if not runs:  # every seed of this method failed
-            rows.append({"method": method, "seeds": 0, "failed": " | ".join(failed[method])})
+    for label in order:
+        runs = by_label.get(label, [])
+        if not runs:  # every seed of this entry failed
+            rows.append({"method": label, "seeds": 0, "failed": " | ".join(failed[label])})
             continue
         final_mean, final_std = _mean_std([r.summary["final"]["acc_mean"] for r in runs])
         best_mean, best_std = _mean_std([r.summary["best"]["acc_mean"] for r in runs])
@@ -238,7 +419,7 @@ def summarise(records: list[RunRecord], failures: list[tuple[str, int, str]] | N
                                  for r in runs])
         reached = [r.summary["to_target"] for r in runs if r.summary.get("to_target")]
         row = {
-            "method": method, "seeds": len(runs), "seed_list": " ".join(str(r.seed) for r in runs),
+            "method": label, "seeds": len(runs), "seed_list": " ".join(str(r.seed) for r in runs),
             "final_acc_mean": final_mean, "final_acc_std": final_std,
             "best_acc_mean": best_mean, "best_acc_std": best_std,
             "params_per_round": float(params_round), "bytes_per_round": float(bytes_round),
@@ -248,30 +429,31 @@ def summarise(records: list[RunRecord], failures: list[tuple[str, int, str]] | N
             "rounds_to_target": _mean_std([t["round"] for t in reached])[0],
             "bytes_to_target": _mean_std([t["bytes"] for t in reached])[0],
             "flops_to_target": _mean_std([t["flops"] for t in reached])[0],
-            "tuned": "; ".join(f"{k}={v}" for k, v in runs[0].summary.get("tuned", {}).get("values", {}).items()),
-            "failed": " | ".join(failed.get(method, [])),
+            "tuned": _tuned_cell(runs[0].summary),
+            "failed": " | ".join(failed.get(label, [])),
         }
         rows.append(row)
     columns = list(next(r for r in rows if r["seeds"]))  # callers pass at least one finished run
     rows = [{c: r.get(c, math.nan) for c in columns} | {"method": r["method"], "seeds": r["seeds"],
                                                         "failed": r["failed"]} for r in rows]
-    ref = next((r for r in rows if r["method"] == REFERENCE), None)
+    ref = rows[0]
+    reference = ref["method"]
     # paired over the seeds both ran (same seed = same partition and initial draws): the difference
     # without the seed-to-seed spread of the data split
-    final_of = {(r.method, r.seed): r.summary["final"]["acc_mean"] for r in records}
+    final_of = {(r.label, r.seed): r.summary["final"]["acc_mean"] for r in records}
     for row in rows:
-        diffs = [final_of[row["method"], s] - final_of[REFERENCE, s] for s in sorted({r.seed for r in records})
-                 if (row["method"], s) in final_of and (REFERENCE, s) in final_of]
-        row[f"final_minus_{REFERENCE}_mean"], row[f"final_minus_{REFERENCE}_std"] = _mean_std(diffs)
+        diffs = [final_of[row["method"], s] - final_of[reference, s] for s in sorted({r.seed for r in records})
+                 if (row["method"], s) in final_of and (reference, s) in final_of]
+        row[f"final_minus_{reference}_mean"], row[f"final_minus_{reference}_std"] = _mean_std(diffs)
         low, high = paired_interval(diffs)
-        row[f"final_minus_{REFERENCE}_ci95_low"], row[f"final_minus_{REFERENCE}_ci95_high"] = low, high
-        row[f"differs_from_{REFERENCE}"] = ("" if math.isnan(low) or row["method"] == REFERENCE else
+        row[f"final_minus_{reference}_ci95_low"], row[f"final_minus_{reference}_ci95_high"] = low, high
+        row[f"differs_from_{reference}"] = ("" if math.isnan(low) or row["method"] == reference else
                                             "yes" if low > 0 or high < 0 else "no")
         row["paired_seeds"] = len(diffs)
     for row in rows:
         for what in ("bytes", "flops"):
-            mine, theirs = row[f"{what}_to_target"], ref[f"{what}_to_target"] if ref else math.nan
-            row[f"{what}_to_target_vs_{REFERENCE}"] = mine / theirs if theirs and theirs > 0 and not \
+            mine, theirs = row[f"{what}_to_target"], ref[f"{what}_to_target"]
+            row[f"{what}_to_target_vs_{reference}"] = mine / theirs if theirs and theirs > 0 and not \
                 math.isnan(mine) and not math.isnan(theirs) else math.nan
     return rows
 
@@ -295,42 +477,45 @@ def fmt_ratio(x: float) -> str:
     return "-" if math.isnan(x) else f"{x:.2f}x"
 
 
-TABLE_COLUMNS = ("method", "final acc %", f"final - {REFERENCE} [95% CI] (seeds)", "best acc %", "bytes/round",
-                 "FLOPs/round", "s/round", "rounds to target", "bytes to target (x)", "FLOPs to target (x)", "tuned")
+def table_columns(reference: str) -> tuple[str, ...]:
+    """The printed table's header; `reference`: the first entry's label."""
+    return ("method", "final acc %", f"final - {reference} [95% CI] (seeds)", "best acc %", "bytes/round",
+            "FLOPs/round", "s/round", "rounds to target", "bytes to target (x)", "FLOPs to target (x)", "tuned")
 
 
-def _fmt_paired(r: dict[str, Any]) -> str:
+def _fmt_paired(r: dict[str, Any], reference: str) -> str:
     """'+0.12 [-0.30, +0.54] (3)': mean paired difference in points, its 95% t interval, pairs; '*' marks an
     interval that excludes 0."""
-    mean = r[f"final_minus_{REFERENCE}_mean"]
-    if r["method"] == REFERENCE or math.isnan(mean):
+    mean = r[f"final_minus_{reference}_mean"]
+    if r["method"] == reference or math.isnan(mean):
         return "-"
-    low, high = r[f"final_minus_{REFERENCE}_ci95_low"], r[f"final_minus_{REFERENCE}_ci95_high"]
+    low, high = r[f"final_minus_{reference}_ci95_low"], r[f"final_minus_{reference}_ci95_high"]
     interval = "" if math.isnan(low) else f" [{100 * low:+.2f}, {100 * high:+.2f}]"
-    mark = "*" if r[f"differs_from_{REFERENCE}"] == "yes" else ""
+    mark = "*" if r[f"differs_from_{reference}"] == "yes" else ""
     return f"{100 * mean:+.2f}{interval}{mark} ({r['paired_seeds']})"
 
 
-def table_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
+def table_rows(rows: list[dict[str, Any]], reference: str) -> list[list[str]]:
+    """The printed table's cells of `summarise`'s rows whose reference is the entry labelled `reference`."""
     out = []
     for r in rows:
         reached = r["target_reached"]
         out.append([
             r["method"], fmt_acc(r["final_acc_mean"], r["final_acc_std"]),
-            _fmt_paired(r),
+            _fmt_paired(r, reference),
             fmt_acc(r["best_acc_mean"], r["best_acc_std"]),
             fmt_count(r["bytes_per_round"], "B"), fmt_count(r["flops_per_round"]), f"{r['seconds_per_round']:.1f}",
             "-" if math.isnan(r["rounds_to_target"]) else f"{r['rounds_to_target']:.1f} ({reached})",
             "-" if math.isnan(r["bytes_to_target"]) else
-            f"{fmt_count(r['bytes_to_target'], 'B')} ({fmt_ratio(r[f'bytes_to_target_vs_{REFERENCE}'])})",
+            f"{fmt_count(r['bytes_to_target'], 'B')} ({fmt_ratio(r[f'bytes_to_target_vs_{reference}'])})",
             "-" if math.isnan(r["flops_to_target"]) else
-            f"{fmt_count(r['flops_to_target'])} ({fmt_ratio(r[f'flops_to_target_vs_{REFERENCE}'])})",
+            f"{fmt_count(r['flops_to_target'])} ({fmt_ratio(r[f'flops_to_target_vs_{reference}'])})",
             r["tuned"] or "-",
         ])
     return out
 
 
-def describe(records: list[RunRecord]) -> str:
+def describe(records: list[RunRecord], order: list[str] | None = None) -> str:
     cfg = records[0].config
     seeds = sorted({r.seed for r in records})
     target = cfg.target_accuracy
@@ -340,14 +525,14 @@ def describe(records: list[RunRecord]) -> str:
             + f", N={cfg.num_clients}, C={cfg.participation}, T={cfg.rounds}, E={cfg.local_epochs}, "
             f"batch {cfg.batch_size}, {cfg.model_setting} models; seeds {', '.join(map(str, seeds))}; "
             f"accuracy: personalised, unweighted mean over clients; target "
-            + (f"{100 * target:g}%" if target > 0 else "none") + _differing_hyperparameters(records))
+            + (f"{100 * target:g}%" if target > 0 else "none") + _differing_hyperparameters(records, order))
 
 
-def _differing_hyperparameters(records: list[RunRecord]) -> str:
-    """'; per method: lr pfedlora 0.05, standalone 0.01' for shared hyperparameters that differ."""
-    first_of = {}
-    for r in sorted(records, key=_method_order):
-        first_of.setdefault(r.method, r.config)
+def _differing_hyperparameters(records: list[RunRecord], order: list[str] | None) -> str:
+    """'; per method: lr pfedlora 0.05, standalone 0.01' for shared hyperparameters that differ (per entry,
+    entries in `order`)."""
+    by_label = _by_label(records, ordered_labels([r.label for r in records], order))
+    first_of = {label: runs[0].config for label, runs in by_label.items()}
     parts = []
     for key in HYPERPARAMETERS:
         values = {m: c[key] for m, c in first_of.items()}
@@ -360,7 +545,12 @@ def _differing_hyperparameters(records: list[RunRecord]) -> str:
 # ------------------------------------------------------------------ outputs
 
 def write_outputs(out: Path, records: list[RunRecord], rows: list[dict[str, Any]]) -> list[Path]:
+    """comparison.csv, comparison.md and the three plots of `summarise`'s rows (their order: the entries',
+    the first the reference) in `out`."""
     out.mkdir(parents=True, exist_ok=True)
+    order = [r["method"] for r in rows]
+    reference = order[0]
+    subtitle = describe(records, order)
     columns = list(rows[0])
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=columns, lineterminator="\n")  # quotes cells with commas
@@ -368,51 +558,53 @@ def write_outputs(out: Path, records: list[RunRecord], rows: list[dict[str, Any]
     writer.writerows({c: "" if isinstance(r[c], float) and math.isnan(r[c]) else r[c] for c in columns}
                      for r in rows)
     atomic_write(out / "comparison.csv", text.getvalue())
-    md = ["# Comparison\n", describe(records) + "\n",
-          f"Accuracy: mean ± std over seeds (sample std); `final - {REFERENCE}`: per-seed (paired: same "
+    md = ["# Comparison\n", subtitle + "\n",
+          f"Accuracy: mean ± std over seeds (sample std); `final - {reference}`: per-seed (paired: same "
           f"partition and initial draws) difference in points, mean over the seeds both ran with its 95% "
           f"confidence interval (t distribution, n - 1 degrees of freedom; needs 2 seeds), `*` where the "
-          f"interval excludes 0, seed count in brackets. Ratios in brackets: method / {REFERENCE} (above 1: "
-          f"{REFERENCE} needed less). Costs are measured: "
+          f"interval excludes 0, seed count in brackets. Ratios in brackets: method / {reference} (above 1: "
+          f"{reference} needed less). Costs are measured: "
           "bytes from the tensors sent (both directions), FLOPs with torch's FlopCounterMode on the real "
           "training steps and server step. `best` is the best round's mean accuracy, not the final result.\n",
-          "| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
-    md += ["| " + " | ".join(cells) + " |" for cells in table_rows([r for r in rows if r["seeds"]])]
+          "| " + " | ".join(table_columns(reference)) + " |", "|" + "---|" * len(table_columns(reference))]
+    md += ["| " + " | ".join(cells) + " |" for cells in table_rows([r for r in rows if r["seeds"]], reference)]
     failed = [f"- {r['method']}: {r['failed']}" for r in rows if r["failed"]]
     if failed:
         md += ["", "Failed runs (not in the figures above; rerun the same command to retry or resume them):", *failed]
     atomic_write(out / "comparison.md", "\n".join(md) + "\n")
     plots = [out / "accuracy_vs_round.png", out / "accuracy_vs_bytes.png", out / "per_client.png"]
-    plot_comparison({method: [r.history for r in runs] for method, runs in _by_method(records).items()},
-                    REFERENCE, records[0].config.target_accuracy, plots[0], plots[1], describe(records))
-    plot_per_client(records, plots[2], describe(records))
+    by_label = _by_label(records, ordered_labels([r.label for r in records], order))
+    plot_comparison({label: [r.history for r in runs] for label, runs in by_label.items()},
+                    reference, records[0].config.target_accuracy, plots[0], plots[1], subtitle)
+    plot_per_client(by_label, plots[2], subtitle)
     return [out / "comparison.csv", out / "comparison.md", *plots]
 
 
-def plot_per_client(records: list[RunRecord], path: Path, subtitle: str) -> None:
-    """per_client.png: every method's final accuracy per client (mean over seeds), side by side."""
+def plot_per_client(by_label: dict[str, list[RunRecord]], path: Path, subtitle: str) -> None:
+    """per_client.png: every entry's final accuracy per client (mean over seeds), side by side."""
     import textwrap
 
-    per_method = {method: [[float(row["accuracy"]) if row["accuracy"] not in ("", None) else math.nan
-                            for row in read_per_client(r.run_dir)] for r in runs]
-                  for method, runs in _by_method(records).items()}
-    plot_client_comparison(per_method, path, "\n".join(textwrap.wrap(subtitle, 95)))
+    per_entry = {label: [[float(row["accuracy"]) if row["accuracy"] not in ("", None) else math.nan
+                          for row in read_per_client(r.run_dir)] for r in runs]
+                 for label, runs in by_label.items()}
+    plot_client_comparison(per_entry, path, "\n".join(textwrap.wrap(subtitle, 95)))
 
 
 # ------------------------------------------------------------------ running
 
-def specs_for(out: Path, runs: list[tuple[str, int, Config, str]],
+def specs_for(out: Path, runs: list[tuple[Entry, int, Config, str]],
               tuned: dict[str, dict[str, Any]] | None = None, trackers: tuple[str, ...] = ()) -> list[RunSpec]:
-    """The run specs of a comparison: one run directory per (method, seed) under out/runs/. `tuned`: per
-    method, what its recipe was tuned to (recorded in the runs' summary.json); `trackers`: where every run
-    is also sent (pfl.trackers)."""
+    """The run specs of a comparison: one run directory per (entry, seed) under out/runs/, its summary.json
+    recording the entry's label (`entry`, read back by `load_run`). `tuned`: per entry label, what its recipe
+    was tuned to (recorded in the runs' summary.json); `trackers`: where every run is also sent."""
     out = out.expanduser().absolute()
-    return [RunSpec(f"{m} seed {s}", cfg.as_flat(), source, run_dir_for(out, m, s),
-                    extra_summary={"tuned": tuned[m]} if tuned and m in tuned else None, trackers=trackers)
-            for m, s, cfg, source in runs]
+    return [RunSpec(f"{e.label} seed {s}", cfg.as_flat(), source, run_dir_for(out, e.slug, s),
+                    extra_summary={"entry": e.label, **({"tuned": tuned[e.label]} if tuned and e.label in tuned
+                                                        else {})}, trackers=trackers)
+            for e, s, cfg, source in runs]
 
 
-def check_reuse(out: Path, runs: list[tuple[str, int, Config, str]]) -> None:
+def check_reuse(out: Path, runs: list[tuple[Entry, int, Config, str]]) -> None:
     """Refuse a comparison directory whose runs were made differently, before any compute."""
     out = out.expanduser().absolute()
     if out.exists() and not out.is_dir():
@@ -420,22 +612,23 @@ def check_reuse(out: Path, runs: list[tuple[str, int, Config, str]]) -> None:
     check_reusable(specs_for(out, runs))
 
 
-def run_comparison(out: Path, runs: list[tuple[str, int, Config, str]], hw, resources,
+def run_comparison(out: Path, runs: list[tuple[Entry, int, Config, str]], hw, resources,
                    on_event: Callable[[dict], None] | None = None,
                    on_outcome: Callable[[RunOutcome], None] | None = None,
                    tuned: dict[str, dict[str, Any]] | None = None, trackers: tuple[str, ...] = ()
                    ) -> tuple[list[RunRecord], list[tuple[str, int, str]]]:
-    """Every (method, seed) run under out/runs/: finished ones reused, interrupted ones resumed, the rest
-    trained (`resources.jobs` at once). Returns the finished runs and the failed ones (method, seed, why)."""
+    """Every (entry, seed) run under out/runs/: finished ones reused, interrupted ones resumed, the rest
+    trained (`resources.jobs` at once). Returns the finished runs and the failed ones (label, seed, why)."""
     out = out.expanduser().absolute()
     check_reuse(out, runs)
     outcomes = run_all(specs_for(out, runs, tuned, trackers), hw, resources, on_event, on_outcome)
     records, failures = [], []
-    for (method, seed, _, _), outcome in zip(runs, outcomes):
-        if outcome.ok:
+    for (entry, seed, _, _), outcome in zip(runs, outcomes):
+        if outcome.ok:  # the entry's directory: its label even where a run reused from an older pfl has none
             records.append(load_run(outcome.run_dir))
+            records[-1].label = entry.label
         else:
-            failures.append((method, seed, outcome.detail))
+            failures.append((entry.label, seed, outcome.detail))
     return records, failures
 
 
@@ -454,12 +647,12 @@ class Display:
         yield None, None
 
     def tuned(self, result) -> None:
-        """One method's tuning finished (a pfl.tune.TuneResult)."""
+        """One entry's tuning finished (a pfl.tune.TuneResult)."""
 
 
 @dataclass
 class Comparison:
-    """What `compare` found: the finished runs, the failed ones (method, seed, why), one row per method (see
+    """What `compare` found: the finished runs, the failed ones (label, seed, why), one row per entry (see
     `summarise`) and the files written."""
 
     records: list[RunRecord]
@@ -467,14 +660,25 @@ class Comparison:
     rows: list[dict[str, Any]]
     written: list[Path]
 
+    @property
+    def order(self) -> list[str]:
+        """The entries' labels, in the table's order."""
+        return [r["method"] for r in self.rows]
+
+    @property
+    def reference(self) -> str:
+        """The first entry's label: what the paired differences and the ratios compare with."""
+        return self.rows[0]["method"]
+
 
 def compare(recipe: str | None, sources: list[Path], methods: str | None, overrides: list[str], seeds: int,
             seed: int | None, out: Path | None, tune_trials: int, tune_rounds: int | None,
             trackers: tuple[str, ...], hardware: Callable[[], tuple[Any, Any]], display: Display | None = None
             ) -> Comparison:
-    """`pfl compare`: the finished runs of `sources` (run or comparison directories), or every method of
-    `methods` on `recipe` for `seeds` seeds (each tuned first with `tune_trials` trials when > 0); then the
-    table and plots in `out`. `hardware()` gives (Hardware, Resources) once runs need them, so that options
+    """`pfl compare`: the finished runs of `sources` (run or comparison directories), or every entry of
+    `methods` (`parse_entries`) on `recipe` for `seeds` seeds (each tuned first with `tune_trials` trials when
+    > 0); then the table and plots in `out`, rows in the entries' order (--from: in the order of the sources'
+    comparison.csv). `hardware()` gives (Hardware, Resources) once runs need them, so that options
     are checked in the order the command always did. RunFailed when every run failed."""
     if seeds < 1:
         raise PflUserError(f"--seeds: must be an integer >= 1, got {seeds}")
@@ -488,26 +692,26 @@ def compare(recipe: str | None, sources: list[Path], methods: str | None, overri
             raise PflUserError("--from: --methods, --set, --seed, --seeds, --tune-trials and --logger apply only "
                                "with --recipe")
         records = collect_runs(sources)
+        order = table_order(sources)
         if out is None:
             out = sources[0] if len(sources) == 1 and (sources[0] / "runs").is_dir() else \
                 Path("runs") / f"compare-{datetime.now():%Y%m%d-%H%M%S}"
     else:
-        records, failures, out = _run_methods(recipe, methods, overrides, seeds, seed, out, tune_trials,
-                                              tune_rounds, trackers, hardware, display or Display())
-    rows = summarise(records, failures)
+        records, failures, out, order = _run_methods(recipe, methods, overrides, seeds, seed, out, tune_trials,
+                                                     tune_rounds, trackers, hardware, display or Display())
+    rows = summarise(records, failures, order)
     return Comparison(records, failures, rows, write_outputs(out.expanduser().absolute(), records, rows))
 
 
 def _run_methods(recipe, methods, overrides, seeds, seed, out, tune_trials, tune_rounds, trackers, hardware,
-                 display: Display) -> tuple[list[RunRecord], list[tuple[str, int, str]], Path]:
+                 display: Display) -> tuple[list[RunRecord], list[tuple[str, int, str]], Path, list[str]]:
     from pfl.trackers import check_trackers
 
     trackers = check_trackers(trackers)
-    names = method_names(methods)
-    if not names:
-        raise PflUserError("--methods: give at least one method, e.g. --methods pfedlora,standalone")
+    entries = parse_entries(methods)
+    labels = [e.label for e in entries]
     hw, resources = hardware()
-    runs = plan(recipe, overrides, names, seeds, seed)
+    runs = plan(recipe, overrides, entries, seeds, seed)
     base = runs[0][2]
     if base.engine == "flower" and (resources.jobs > 1 or resources.ray_address):
         raise PflUserError("--jobs: runs on the flower engine use Ray themselves; run them with --jobs 1 "
@@ -515,32 +719,39 @@ def _run_methods(recipe, methods, overrides, seeds, seed, out, tune_trials, tune
     out = out or Path("runs") / f"compare-{base.name}-{datetime.now():%Y%m%d-%H%M%S}"
     tuned = None
     if tune_trials:
-        tuned = _tune_each(recipe, overrides, names, seed, tune_trials, tune_rounds, out, hw, resources, display)
-        runs = plan(recipe, overrides, names, seeds, seed, tuned_values={m: t["values"] for m, t in tuned.items()})
+        tuned = _tune_each(recipe, overrides, entries, seed, tune_trials, tune_rounds, out, hw, resources, display)
+        runs = plan(recipe, overrides, entries, seeds, seed,
+                    tuned_values={label: t["values"] for label, t in tuned.items()})
     check_reuse(out, runs)
-    display.message(f"{', '.join(names)} on {base.dataset}: N={base.num_clients}, C={base.participation}, "
-                    f"T={base.rounds}, {base.partition} partition, {len(runs) // len(names)} seed(s), "
+    display.message(f"{', '.join(labels)} on {base.dataset}: N={base.num_clients}, C={base.participation}, "
+                    f"T={base.rounds}, {base.partition} partition, {len(runs) // len(entries)} seed(s), "
                     f"{resources.jobs} at once ({resources.threads} thread(s) each) -> {out}")
     with display.runs("runs done", len(runs)) as (on_event, on_outcome):
         records, failures = run_comparison(out, runs, hw, resources, on_event, on_outcome, tuned, trackers)
     if not records:
         raise RunFailed("every run failed: " + "; ".join(f"{m} seed {s}: {why}" for m, s, why in failures))
-    return records, failures, out
+    return records, failures, out, labels
 
 
-def _tune_each(recipe, overrides, names, seed, trials, rounds, out, hw, resources, display: Display
+def _tune_each(recipe, overrides, entries: list[Entry], seed, trials, rounds, out, hw, resources, display: Display
                ) -> dict[str, dict[str, Any]]:
-    """Every method tuned with the same budget (pfl.tune.plan_comparison); per method its best values and
-    where its study is."""
+    """Every entry tuned with the same budget (pfl.tune.plan_comparison: its method's space without the keys
+    it fixes); per entry label its best values and where its study is, or that it had nothing to tune."""
     from pfl import tune as tune_mod
 
-    studies = tune_mod.plan_comparison(recipe, overrides, names, seed, trials, rounds, out.expanduser().absolute())
-    display.message(f"tuning {', '.join(names)}: {trials} trials each, {studies[0].rounds} rounds per trial, "
-                    f"objective: {tune_mod.OBJECTIVE_TEXT}")
+    studies = tune_mod.plan_comparison(recipe, overrides, entries, seed, trials, rounds, out.expanduser().absolute())
+    planned = [study for study in studies if study is not None]
+    if planned:
+        display.message(f"tuning {', '.join(study.label for study in planned)}: {trials} trials each, "
+                        f"{planned[0].rounds} rounds per trial, objective: {tune_mod.OBJECTIVE_TEXT}")
     tuned = {}
-    for study in studies:
-        with display.runs(f"tuning {study.method}", trials) as (on_event, on_outcome):
+    for entry, study in zip(entries, studies):
+        if study is None:
+            display.message(f"{entry.label}: {NOT_TUNED}")
+            tuned[entry.label] = {"values": {}, "not_tuned": NOT_TUNED}
+            continue
+        with display.runs(f"tuning {entry.label}", trials) as (on_event, on_outcome):
             result = tune_mod.run_study(study, hw, resources, on_event, on_outcome)
         display.tuned(result)
-        tuned[study.method] = {"values": result.best_values, "from": str(study.out)}
+        tuned[entry.label] = {"values": result.best_values, "from": str(study.out)}
     return tuned

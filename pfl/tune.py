@@ -37,7 +37,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import tomli_w
 
@@ -50,9 +50,12 @@ from pfl.federation import Callbacks
 from pfl.files import atomic_file, atomic_write
 from pfl.parallel import Resources, RunOutcome, RunSpec, run_all
 from pfl.pictures import plot_study
-from pfl.schema import Config
+from pfl.schema import TABLE_KINDS, Config
 from pfl.seeding import derive_seed
 from pfl.trackers import check_trackers
+
+if TYPE_CHECKING:
+    from pfl.compare import Entry
 
 OBJECTIVE_ROUNDS = 3
 PRUNER_STARTUP = 2
@@ -93,7 +96,9 @@ SPEC_HELP = ("KEY=SPEC with SPEC one of: LOW:HIGH (uniform), log:LOW:HIGH (log-u
 
 
 def tunable_keys(method: str) -> list[str]:
-    return [*HYPERPARAMETERS, *(f"{method}.{k}" for k in ALGORITHMS[method].SETTINGS)]
+    """The shared hyperparameters and the method's own keys, but for its tables (`pfedlora.ranks`)."""
+    return [*HYPERPARAMETERS, *(f"{method}.{k}" for k, f in ALGORITHMS[method].SETTINGS.items()
+                                if f.kind not in TABLE_KINDS)]
 
 
 def parse_dimension(text: str, method: str, base: dict[str, Any]) -> Dimension:
@@ -106,6 +111,9 @@ def parse_dimension(text: str, method: str, base: dict[str, Any]) -> Dimension:
     if key not in schema:
         raise ConfigError(f"--space '{text}': unknown recipe key '{key}'; tunable keys of {method}: "
                           f"{', '.join(tunable_keys(method))}")
+    if schema[key].kind in TABLE_KINDS:
+        raise ConfigError(f"--space '{text}': '{key}' is {schema[key].describe()}, which pfl tune cannot search; "
+                          f"set it with --set; tunable keys of {method}: {', '.join(tunable_keys(method))}")
     if key not in tunable_keys(method):
         raise ConfigError(f"--space '{text}': '{key}' is not a hyperparameter of {method} (the protocol stays "
                           f"fixed while tuning); tunable keys: {', '.join(tunable_keys(method))}")
@@ -183,6 +191,10 @@ class StudyPlan:
     trials: int
     seeds: int
     trackers: tuple[str, ...] = ()  # every trial run is also sent there (pfl.trackers)
+    label: str = ""  # what it is called in tables and plots (a comparison's entry); default: the method
+
+    def __post_init__(self) -> None:
+        self.label = self.label or self.method
 
     @property
     def rounds(self) -> int:
@@ -199,11 +211,12 @@ class StudyPlan:
                 "space": {k: d.spec() for k, d in self.space.items()}, "seeds": self.seeds}
 
 
-def plan_tune(recipe: str, overrides: list[str], method: str, space_specs: list[str] | None, trials: int,
-              seeds: int, seed: int | None, rounds: int | None, val_fraction: float | None, out: Path,
-              trackers: tuple[str, ...] = ()) -> StudyPlan:
+def plan_tune(recipe: str, overrides: list[str], method: str, space_specs: list[str] | dict[str, str] | None,
+              trials: int, seeds: int, seed: int | None, rounds: int | None, val_fraction: float | None, out: Path,
+              trackers: tuple[str, ...] = (), fixed: dict[str, Any] | None = None) -> StudyPlan:
     """Validate a tune before anything runs or is written (ConfigError / RunDirError naming the option).
-    `trackers`: where every trial run is also sent (pfl.trackers)."""
+    `trackers`: where every trial run is also sent (pfl.trackers); `fixed`: recipe keys set on top of --set
+    in every trial and in best.toml (a comparison entry's own settings)."""
     if method not in ALGORITHMS:
         raise ConfigError(f"--method: unknown method {method!r}; known: {', '.join(sorted(ALGORITHMS))}")
     if trials < 1:
@@ -219,7 +232,8 @@ def plan_tune(recipe: str, overrides: list[str], method: str, space_specs: list[
     for key in ("method", "seed", "eval_test"):
         if key in parsed:
             raise ConfigError(f"--set: '{key}' is chosen by pfl tune (--method, --seed; the test split is off)")
-    final = config_mod.resolve(raw, {**parsed, "method": method, **({"seed": seed} if seed is not None else {})})
+    final = config_mod.resolve(raw, {**parsed, **(fixed or {}), "method": method,
+                                     **({"seed": seed} if seed is not None else {})})
     if final.engine == "flower":
         raise ConfigError("recipe key 'engine': pfl tune runs trials on the local engine; set engine=local")
     fraction = val_fraction or (final.val_fraction if final.val_fraction > 0 else DEFAULT_VAL_FRACTION)
@@ -318,7 +332,7 @@ def _specs(plan: StudyPlan, trial_id: int, number: int, values: dict[str, Any]) 
     specs = []
     for i in range(plan.seeds):
         flat = config_mod.resolve(plan.trial_flat, {**values, "seed": plan.seed + i}).as_flat()
-        specs.append(RunSpec(f"{plan.method} trial {number}" + (f" seed {plan.seed + i}" if plan.seeds > 1 else ""),
+        specs.append(RunSpec(f"{plan.label} trial {number}" + (f" seed {plan.seed + i}" if plan.seeds > 1 else ""),
                              flat, plan.source, trial_dir(plan, number, i),
                              extra_callbacks=functools.partial(_make_pruner_callback, str(plan.out), trial_id, i,
                                                                plan.rounds), trackers=plan.trackers))
@@ -440,16 +454,16 @@ def write_outputs(plan: StudyPlan, study) -> TuneResult:
     _write_csv(out_csv(plan), rows)
     best = _best(study)
     if best is None:
-        raise RunFailed(f"no trial of {plan.method} completed (every one was pruned or failed); see "
+        raise RunFailed(f"no trial of {plan.label} completed (every one was pruned or failed); see "
                         f"{out_csv(plan)}")
     best_values = {key: best.params[key] for key in plan.space}
     out = plan.out
     best_cfg: Config = config_mod.resolve(plan.final_flat, best_values)
-    header = (f"# pfl tune: {plan.method}, best of {len(rows)} trials (trial {best.number}, objective "
+    header = (f"# pfl tune: {plan.label}, best of {len(rows)} trials (trial {best.number}, objective "
               f"{best.value:.4f}: {OBJECTIVE_TEXT}, {plan.rounds} rounds per trial)\n"
               f"# tuned: {', '.join(f'{k}={v}' for k, v in best_values.items())}\n")
     atomic_write(out / "best.toml", header + tomli_w.dumps(best_cfg.as_nested()))
-    plots = plot_study(out, plan.method, plan.space, rows, best.number)
+    plots = plot_study(out, plan.label, plan.space, rows, best.number)
     return TuneResult(plan, rows, best_values, float(best.value), best.number,
                       [out / "best.toml", out / "trials.csv", *plots])
 
@@ -468,8 +482,19 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
 
 # ---------------------------------------------------------------- a fair comparison
 
-def plan_comparison(recipe: str, overrides: list[str], methods: list[str], seed: int | None, trials: int,
-                    rounds: int | None, out: Path) -> list[StudyPlan]:
-    """One tune per method under out/tune/<method>/, each with its default search space and the same
-    budget: trials, rounds per trial, pruner, one seed."""
-    return [plan_tune(recipe, overrides, m, None, trials, 1, seed, rounds, None, out / "tune" / m) for m in methods]
+def plan_comparison(recipe: str, overrides: list[str], entries: list[Entry], seed: int | None, trials: int,
+                    rounds: int | None, out: Path) -> list[StudyPlan | None]:
+    """One tune per comparison entry (pfl.compare.Entry) under out/tune/<entry slug>/, each with its
+    method's default search space minus the keys the entry fixes (those hold in every trial and in the
+    result) and the same budget: trials, rounds per trial, pruner, one seed. None for an entry that fixes
+    every key of its space: it has nothing to tune."""
+    plans: list[StudyPlan | None] = []
+    for entry in entries:
+        fixed = entry.overrides
+        space = {k: v for k, v in ALGORITHMS[entry.method].search_space().items() if k not in fixed}
+        plan = plan_tune(recipe, overrides, entry.method, space, trials, 1, seed, rounds, None,
+                         out / "tune" / entry.slug, fixed=fixed) if space else None
+        if plan is not None:
+            plan.label = entry.label
+        plans.append(plan)
+    return plans

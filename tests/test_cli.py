@@ -140,6 +140,9 @@ BAD = [
     (["eval", "/nonexistent/run"], "RUN_DIR: '/nonexistent/run' is not a directory"),
     (["eval", "{finished}", "--precision", "16-mixed"], "--precision: 16-mixed (float16) needs a GPU"),
     (["compare", "--recipe", "smoke", "--methods", "pfedlora,nope"], "--methods"),
+    (["compare", "--recipe", "smoke", "--methods", "pfedlora, pfedlora(mu=2)"],
+     "--methods: entry 'pfedlora(mu=2)': recipe key 'pfedlora.mu': must be a number > 0 and <= 1, got 2.0"),
+    (["compare", "--recipe", "smoke", "--methods", "pfedlora(mu=0.5"], "--methods: entry 'pfedlora(mu=0.5': unbal"),
     (["recipes", "--resolve", "nope"], "--recipe: unknown recipe 'nope'"),
 ]
 

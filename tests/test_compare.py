@@ -121,7 +121,7 @@ def test_methods_may_differ_in_hyperparameters_but_not_between_their_own_seeds(c
 
 BAD = [
     (["--recipe", "smoke", "--methods", "pfedlora,bogus"], "--methods: unknown method 'bogus'"),
-    (["--recipe", "smoke", "--methods", "pfedlora,pfedlora"], "--methods: a method is listed twice"),
+    (["--recipe", "smoke", "--methods", "pfedlora,pfedlora"], "--methods: 'pfedlora' is listed twice"),
     (["--recipe", "smoke", "--seeds", "0"], "--seeds: must be an integer >= 1"),
     (["--recipe", "smoke", "--set", "method=fml"], "--set: 'method' and 'seed' are chosen by"),
     (["--recipe", "smoke", "--methods", "fedavg"], "recipe key 'model_setting': method fedavg"),
@@ -129,6 +129,34 @@ BAD = [
     ([], "give either --recipe"),
     (["--recipe", "smoke", "--from", "."], "give either --recipe"),
     (["--from", "/nonexistent"], "--from: '/nonexistent' is neither a pfl run directory"),
+    # entries: method(key=value, ...) with the method's own settings
+    (["--recipe", "smoke", "--methods", "pfedlora(bogus=1)"],
+     "--methods: entry 'pfedlora(bogus=1)': 'bogus' is not a setting of pfedlora (its settings: rank, alpha, mu,"),
+    (["--recipe", "smoke", "--methods", "standalone(lr=0.1)"],
+     "--methods: entry 'standalone(lr=0.1)': 'lr' is not a setting of standalone (standalone has no settings"),
+    (["--recipe", "smoke", "--methods", "pfedlora(rank=0)"],
+     "--methods: entry 'pfedlora(rank=0)': recipe key 'pfedlora.rank': must be an integer >= 1, got 0"),
+    (["--recipe", "smoke", "--methods", "pfedlora, pfedlora(rank=600)"],  # the method's cross check
+     "--methods: entry 'pfedlora(rank=600)': recipe key 'pfedlora.rank': must be an integer in [1, 500]"),
+    (["--recipe", "smoke", "--methods", "pfedlora(inference_adapter=mine)"],
+     "--methods: entry 'pfedlora(inference_adapter=mine)': recipe key 'pfedlora.inference_adapter': must be one of"),
+    (["--recipe", "smoke", "--methods", "pfedlora(rank=4, mu=0.5"],
+     "--methods: entry 'pfedlora(rank=4, mu=0.5': unbalanced parentheses"),
+    (["--recipe", "smoke", "--methods", "pfedlora), standalone"], "--methods: entry 'pfedlora)': unbalanced"),
+    (["--recipe", "smoke", "--methods", "pfedlora(rank=4)x"],
+     "--methods: entry 'pfedlora(rank=4)x': expected pfedlora(key=value, ...) with nothing after its ')'"),
+    (["--recipe", "smoke", "--methods", "pfedlora,,standalone"],
+     "--methods: entry 2 of 'pfedlora,,standalone' is empty; give a method, a group (paper, later, all) or"),
+    (["--recipe", "smoke", "--methods", "pfedlora()"], "--methods: entry 'pfedlora()': nothing inside the paren"),
+    (["--recipe", "smoke", "--methods", "pfedlora(rank)"],
+     "--methods: entry 'pfedlora(rank)': expected key=value inside the parentheses, got 'rank'"),
+    (["--recipe", "smoke", "--methods", "pfedlora(rank=4, rank=8)"], "'pfedlora(rank=4, rank=8)': 'rank' is given"),
+    (["--recipe", "smoke", "--methods", "pfedlora(rank=4), pfedlora( rank = 4 )"],
+     "--methods: 'pfedlora(rank=4)' is listed twice"),
+    (["--recipe", "smoke", "--methods", "paper,pfedlora"], "'pfedlora' is listed twice (the group paper includes it)"),
+    (["--recipe", "smoke", "--methods", "paper(rank=4)"],
+     "--methods: entry 'paper(rank=4)': paper is a group of methods; settings go on one method"),
+    (["--recipe", "smoke", "--methods", "bogus(rank=4)"], "--methods: unknown method 'bogus' in 'bogus(rank=4)'"),
 ]
 
 
@@ -165,3 +193,115 @@ def test_all_thirteen_methods_finish_a_comparison(tmp_path):
         assert 0.25 < float(row["final_acc_mean"]) <= 1.0, method  # 4 classes: above chance
     assert float(rows["standalone"]["bytes_per_round"]) == 0
     assert all(float(r["bytes_per_round"]) > 0 for m, r in rows.items() if m != "standalone")
+
+
+# ------------------------------------------------------------------ entries: a method with its own settings
+
+ENTRIES = "pfedlora(mu=0.5), standalone,pfedlora( rank = 4 ,inference_adapter=global)"
+LABELS = ["pfedlora(mu=0.5)", "standalone", "pfedlora(rank=4, inference_adapter=global)"]
+SLUGS = ["pfedlora-mu=0.5", "standalone", "pfedlora-rank=4-inference_adapter=global"]
+ENTRY_ARGS = ["--recipe", "smoke", "--methods", ENTRIES, "--seeds", "2", "--set", "rounds=2",
+              "--set", "target_accuracy=0.5"]
+
+
+def invoke(*args):
+    """`pfl` in this process (Typer's runner), as test_bad_compare_input_exits_2_with_one_line does."""
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    return CliRunner().invoke(app, list(args))
+
+
+def table_rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def entry_comparison(tmp_path_factory):
+    out = tmp_path_factory.mktemp("entries") / "cmp"
+    res = invoke("compare", *ENTRY_ARGS, "--out", str(out))
+    assert res.exit_code == 0, (res.stdout[-2000:], res.stderr[-2000:], res.exception)
+    return out, res
+
+
+def test_entries_name_their_rows_runs_and_pair_with_the_first_entry(entry_comparison):
+    import tomllib
+
+    out, res = entry_comparison
+    assert sorted(p.name for p in (out / "runs").iterdir()) == sorted(f"{slug}-seed{s}" for slug in SLUGS
+                                                                      for s in (0, 1))
+    rows = table_rows(out / "comparison.csv")
+    assert [r["method"] for r in rows] == LABELS  # the entries' order: the first is the reference
+    by_label = {r["method"]: r for r in rows}
+    final = {}
+    for label, slug in zip(LABELS, SLUGS):
+        for s in (0, 1):
+            run = out / "runs" / f"{slug}-seed{s}"
+            summary = json.loads((run / "summary.json").read_text())
+            assert summary["entry"] == label
+            final[label, s] = summary["final"]["acc_mean"]
+            recipe = tomllib.loads((run / "config.toml").read_text())
+            assert recipe["method"] == label.partition("(")[0]
+            if label.startswith("pfedlora"):  # the entry's settings, the recipe's others
+                assert (recipe["pfedlora"]["mu"], recipe["pfedlora"]["rank"], recipe["pfedlora"]["inference_adapter"]) \
+                    == ((0.5, 8, "own") if label == LABELS[0] else (1.0, 4, "global"))
+    first = LABELS[0]
+    for label in LABELS:
+        paired = [final[label, s] - final[first, s] for s in (0, 1)]
+        assert float(by_label[label][f"final_minus_{first}_mean"]) == pytest.approx(statistics.mean(paired))
+        assert by_label[label]["paired_seeds"] == "2"
+    assert by_label[first][f"differs_from_{first}"] == ""
+    assert by_label["standalone"][f"differs_from_{first}"] in ("yes", "no")
+    # rank 4: 4 clients x (4 x 500 + 4 x 4) float32 adapter parameters, up and down; rank 8 for the first
+    assert float(by_label[LABELS[2]]["bytes_per_round"]) == 2 * 4 * 4 * (4 * 500 + 4 * 4)
+    assert float(by_label[first]["bytes_per_round"]) == 2 * 4 * 4 * (8 * 500 + 4 * 8)
+    md = (out / "comparison.md").read_text()
+    assert all(f"| {label} |" in md for label in LABELS) and f"| final - {first} [95% CI] (seeds) |" in md
+    printed = " ".join(res.stdout.split())
+    assert f"ratios in brackets: method / {first};" in printed
+    assert all(label in res.stdout for label in ("pfedlora(mu=0.5)", "standalone")), res.stdout
+
+
+def test_from_rebuilds_an_entry_comparison_and_every_legend_names_the_entries(entry_comparison, tmp_path,
+                                                                                monkeypatch):
+    from pfl import pictures
+
+    out, _ = entry_comparison
+    legends = {}
+    real_save = pictures._save
+
+    def save(figure, path):
+        legend = figure.axes[0].get_legend()
+        legends[path.name] = [t.get_text() for t in legend.get_texts()]
+        return real_save(figure, path)
+
+    monkeypatch.setattr(pictures, "_save", save)
+    res = invoke("compare", "--from", str(out), "--out", str(tmp_path / "again"))
+    assert res.exit_code == 0, (res.stdout[-2000:], res.stderr[-2000:], res.exception)
+    assert table_rows(tmp_path / "again" / "comparison.csv") == table_rows(out / "comparison.csv")
+    assert legends["accuracy_vs_round.png"] == [*LABELS, "target 50%"]
+    assert legends["accuracy_vs_bytes.png"] == [LABELS[0], "standalone (sends nothing; final level)", LABELS[2],
+                                                "target 50%"]
+    assert legends["per_client.png"] == LABELS
+    # the runs again, this time from the same directory: the same table, every run reused
+    res = invoke("compare", *ENTRY_ARGS, "--out", str(out))
+    assert res.exit_code == 0, (res.stdout[-2000:], res.stderr[-2000:], res.exception)
+    assert res.stdout.count("reusing finished run") == 6
+    assert table_rows(tmp_path / "again" / "comparison.csv") == table_rows(out / "comparison.csv")
+
+
+def test_one_entrys_seeds_must_agree_but_entries_of_a_method_differ(entry_comparison, tmp_path):
+    """Two entries of pFedLoRA differ in its settings on purpose; a run labelled as one of them with another
+    learning rate is refused by label."""
+    out, _ = entry_comparison
+    odd = tmp_path / "odd"
+    res = invoke("train", "--recipe", "smoke", "--set", "rounds=2", "--set", "target_accuracy=0.5", "--set",
+                 "pfedlora.mu=0.5", "--set", "lr=0.02", "--seed", "7", "--out", str(odd))
+    assert res.exit_code == 0, (res.stderr[-2000:], res.exception)
+    summary = json.loads((odd / "summary.json").read_text())
+    (odd / "summary.json").write_text(json.dumps({**summary, "entry": LABELS[0]}))
+    res = invoke("compare", "--from", str(out), str(odd), "--out", str(tmp_path / "x"))
+    assert res.exit_code == 2 and f"of {LABELS[0]} differ in 'lr'" in res.stderr, res.stderr
+    assert not (tmp_path / "x").exists()

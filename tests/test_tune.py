@@ -7,6 +7,7 @@ import math
 import signal
 import subprocess
 import time
+import tomllib
 from pathlib import Path
 
 import optuna
@@ -180,6 +181,55 @@ def test_compare_tunes_every_method_with_the_same_budget_then_runs_the_seeds(tmp
     res = pfl(*args)  # everything reused
     assert res.returncode == 0, res.stderr
     assert res.stdout.count("reusing finished run") == 4
+
+
+def test_an_entrys_fixed_keys_leave_its_search_space_and_hold_in_every_trial(tmp_path):
+    """`pfedlora(mu=0.5)`: pFedLoRA's default space (lr, alpha, mu) without mu; mu = 0.5 in the trials' recipe
+    and in best.toml's; a plain entry keeps the whole space under tune/<method> as before."""
+    from pfl.compare import parse_entries
+
+    plain, fixed = tune.plan_comparison("smoke", ["rounds=2"], parse_entries("pfedlora, pfedlora(mu=0.5)"), None, 2,
+                                        1, tmp_path)
+    assert list(plain.space) == ["lr", "pfedlora.alpha", "pfedlora.mu"] and plain.out == tmp_path / "tune" / "pfedlora"
+    assert list(fixed.space) == ["lr", "pfedlora.alpha"] and fixed.out == tmp_path / "tune" / "pfedlora-mu=0.5"
+    assert fixed.trial_flat["pfedlora.mu"] == 0.5 and fixed.final_flat["pfedlora.mu"] == 0.5
+    assert fixed.label == "pfedlora(mu=0.5)" and fixed.trial_flat["rounds"] == 1
+
+
+def test_compare_tunes_each_entry_without_its_fixed_keys_and_skips_one_that_fixes_them_all(tmp_path, monkeypatch):
+    """pFedLoRA's space narrowed to its own two keys (alpha, mu), so that an entry can fix all of it: the entry
+    fixing mu is tuned on alpha alone with mu = 0.5 in every trial and in its seeds; the one fixing both is not
+    tuned, and its row says so."""
+    from typer.testing import CliRunner
+
+    from cli.main import app
+    from pfl import compare as cmp
+    from pfl.algorithms import ALGORITHMS
+
+    monkeypatch.setattr(ALGORITHMS["pfedlora"], "SHARED_SEARCH_SPACE", {})
+    out = tmp_path / "cmp"
+    res = CliRunner().invoke(app, ["compare", "--recipe", "smoke", "--methods", "pfedlora(mu=0.5), pfedlora(alpha=16, "
+                                   "mu=0.5)", "--set", "rounds=2", "--tune-trials", "2", "--tune-rounds", "1", "--out",
+                                   str(out)])
+    assert res.exit_code == 0, (res.stdout[-2000:], res.stderr[-2000:], res.exception)
+    assert f"pfedlora(alpha=16, mu=0.5): {cmp.NOT_TUNED}" in " ".join(res.stdout.split())
+    assert sorted(p.name for p in (out / "tune").iterdir()) == ["pfedlora-mu=0.5"]  # nothing to tune for the other
+    study = out / "tune" / "pfedlora-mu=0.5"
+    assert list(json.loads((study / "tune.json").read_text())["space"]) == ["pfedlora.alpha"]
+    trials = [tomllib.loads(p.read_text())["pfedlora"] for p in sorted(study.glob("trials/trial-*/seed-0/config.toml"))]
+    assert len(trials) == 2 and all(t["mu"] == 0.5 for t in trials) and trials[0]["alpha"] != trials[1]["alpha"]
+    best = tune.load_best(study)
+    assert list(best) == ["pfedlora.alpha"]
+    with open(out / "comparison.csv", newline="") as f:
+        table = {r["method"]: r for r in csv.DictReader(f)}
+    assert table["pfedlora(mu=0.5)"]["tuned"] == f"pfedlora.alpha={best['pfedlora.alpha']}"
+    assert table["pfedlora(alpha=16, mu=0.5)"]["tuned"] == cmp.NOT_TUNED
+    seeds = {slug: tomllib.loads((out / "runs" / f"{slug}-seed0" / "config.toml").read_text())["pfedlora"]
+             for slug in ("pfedlora-mu=0.5", "pfedlora-alpha=16-mu=0.5")}
+    assert seeds["pfedlora-mu=0.5"]["mu"] == 0.5 and seeds["pfedlora-mu=0.5"]["alpha"] == best["pfedlora.alpha"]
+    assert seeds["pfedlora-alpha=16-mu=0.5"]["alpha"] == 16 and seeds["pfedlora-alpha=16-mu=0.5"]["mu"] == 0.5
+    summary = json.loads((out / "runs" / "pfedlora-alpha=16-mu=0.5-seed0" / "summary.json").read_text())
+    assert summary["tuned"] == {"values": {}, "not_tuned": cmp.NOT_TUNED}
 
 
 def test_a_validation_split_is_recorded_beside_the_test_split(tmp_path, make_cfg):
