@@ -280,9 +280,8 @@ class PFedLoRA(Algorithm):
         if "delta" in global_state:  # svd after round 1
             a, b = lora.factors_of(global_state["delta"], rank, self.scaling(rank))
             return {"adapter.A": a.float(), "adapter.B": b.float()}
-        if aggregation == "freeze_a":
-            return {"adapter.B": (global_state["adapter.B"][:, :rank] / self.scaling(rank)).float()} \
-                if self.heterogeneous or self.settings.alpha > 0 else global_state
+        if aggregation == "freeze_a":  # the server holds the mean of s_k B_k
+            return {"adapter.B": global_state["adapter.B"][:, :rank] / self.scaling(rank)}
         if not self.heterogeneous:
             return global_state
         return {k: v[:rank] if k == "adapter.A" else v[:, :rank] for k, v in global_state.items()}
