@@ -69,6 +69,9 @@ SCHEMA: dict[str, Field] = {
                        choices=("pathological", "dirichlet", "iid")),
     "classes_per_client": Field("int", 2, "pathological partition: classes per client", low=1),
     "dirichlet_alpha": Field("float", 0.5, "Dirichlet partition: concentration", low=0.0, low_open=True),
+    "data_fraction": Field("float", 1.0, "share of the pooled data set the clients share: a seeded subset, "
+                           "stratified by class, drawn before partitioning (quick experiments); 1: all",
+                           low=0.0, high=1.0, low_open=True),
     "min_client_samples": Field("int", 10, "Dirichlet partition: redraw until every client holds at least this "
                                 "many samples (capped at samples / num_clients)", low=1),
     "test_fraction": Field("float", 0.2, "per-client share held out for the personalised test set",

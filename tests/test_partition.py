@@ -92,3 +92,20 @@ def test_build_clients_tensors_match_partition():
 def test_too_many_classes_per_client_is_a_config_error():
     with pytest.raises(config.ConfigError, match="classes_per_client"):
         cfg(classes_per_client=11)
+
+
+def test_data_fraction_partitions_a_class_stratified_seeded_subset():
+    labels = np.repeat(np.arange(10), [300, 200, 100, 50, 40, 30, 20, 10, 5, 1])
+    whole = partition_indices(labels, cfg(partition="iid"), 10)
+    assert partition_indices(labels, cfg(partition="iid", data_fraction=1.0), 10)[0][0].tolist() == \
+        whole[0][0].tolist()
+    subset = cfg(partition="dirichlet", dirichlet_alpha=1.0, min_client_samples=2, data_fraction=0.2)
+    part = partition_indices(labels, subset, 10)
+    used = np.concatenate([np.concatenate(client) for client in part])
+    assert len(used) == len(np.unique(used))  # disjoint, indices into the pooled labels
+    counts = np.bincount(labels[used], minlength=10)
+    assert counts.tolist() == [60, 40, 20, 10, 8, 6, 4, 2, 1, 1]  # round(0.2 n_c), at least one per class
+    again = partition_indices(labels, subset, 10)
+    assert all(a.tolist() == b.tolist() for x, y in zip(part, again) for a, b in zip(x, y))
+    with pytest.raises(config.ConfigError, match="data_fraction"):
+        cfg(data_fraction=0.0)

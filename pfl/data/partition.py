@@ -12,6 +12,7 @@ The train/test split is stratified per client and class, so both share the clien
 a class with a single sample goes to the training side, so every client always has something to train on.
 With `val_fraction` > 0 the training side is split again the same way (its own seeded stream, so the
 partition and the test split do not change): the validation share is never trained on.
+With `data_fraction` < 1 the partition is that of a seeded, class-stratified subset of the pooled data.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 
 from pfl.errors import ConfigError
+from pfl.schema import Config
 
 
 @dataclass
@@ -136,6 +138,11 @@ def split_train_test(indices: np.ndarray, labels: np.ndarray, test_fraction: flo
 def partition_indices(labels: np.ndarray, cfg, num_classes: int
                       ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Per client (train, validation, test) indices into the pooled data set, from the recipe's settings."""
+    fraction = getattr(cfg, "data_fraction", 1.0)
+    if fraction < 1.0:  # partition a subset, then map its positions back to pooled indices
+        keep = stratified_subset(labels, fraction, np.random.default_rng([cfg.seed, 4]))
+        whole = Config({**cfg._values, "data_fraction": 1.0})
+        return [tuple(keep[part] for part in client) for client in partition_indices(labels[keep], whole, num_classes)]
     rng = np.random.default_rng([cfg.seed, 1])
     n = cfg.num_clients
     if n > len(labels):
@@ -160,6 +167,15 @@ def partition_indices(labels: np.ndarray, cfg, num_classes: int
             train, val = split_train_test(train, labels, val_fraction, np.random.default_rng([cfg.seed, 3, k]))
         out.append((train, val, test))
     return out
+
+
+def stratified_subset(labels: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
+    """Sorted indices of round(fraction * n_c) samples of every class c (at least one of each)."""
+    keep = []
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        keep.append(rng.choice(members, max(1, round(fraction * len(members))), replace=False))
+    return np.sort(np.concatenate(keep))
 
 
 def build_clients(dataset, cfg) -> list[ClientData]:
