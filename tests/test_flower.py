@@ -97,8 +97,9 @@ def read_rows(path: Path) -> list[dict]:
 # ---------------------------------------------------------------- simulation
 
 BIT_FOR_BIT = {"pfedlora": {}, "fedkd": {}, "fedssa": {}, "pfedafm": {},
-               "pfedlora-svd-ranks": {"method": "pfedlora", "pfedlora.aggregation": "svd",
-                                      "pfedlora.ranks": {"cnn1": 2, "cnn2": 4}}}
+               **{f"pfedlora-{how}-ranks": {"method": "pfedlora", "pfedlora.aggregation": how,
+                                            "pfedlora.ranks": {"cnn1": 2, "cnn2": 4}}
+                  for how in ("mean", "svd", "stack", "freeze_a", "share_a")}}
 
 
 @pytest.mark.parametrize("case", sorted(BIT_FOR_BIT))
@@ -106,8 +107,9 @@ def test_simulation_equals_local_run_bit_for_bit(tmp_path, case):
     """3 clients, 2 rounds through Flower's simulation (Ray actors, 1 thread each; the server with 1 thread)
     end exactly where the local engine ends with 1 thread: private states survive between rounds on the nodes,
     and the server state (FedKD: mentee, compressed update, per-client versions) travels exactly; FedSSA's
-    owned head rows and pFedAFM's alpha and received extractor stay on the nodes; pFedLoRA's FlexLoRA
-    aggregation sends each client (ranks 2, 4, 8) its own truncated SVD."""
+    owned head rows and pFedAFM's alpha and received extractor stay on the nodes; every pFedLoRA aggregation
+    with ranks 2, 4, 8: HetLoRA's padded mean, FlexLoRA's per-client truncated SVD, FLoRA's stacked sum
+    under a fresh adapter, FFA-LoRA's seeded A (drawn on each node), FedSA-LoRA's private B (kept on it)."""
     cfg = _cfg(**{"method": case, **BIT_FOR_BIT[case]})
     flower_dir, local_dir = tmp_path / "flower", tmp_path / "local"
     threads = torch.get_num_threads()
@@ -129,10 +131,10 @@ def test_simulation_equals_local_run_bit_for_bit(tmp_path, case):
         flower_state, local_state = load_file(str(flower_dir / name)), load_file(str(local_dir / name))
         assert flower_state.keys() == local_state.keys()
         assert all(torch.equal(flower_state[n], local_state[n]) for n in flower_state)
-    if not case.startswith("pfedlora"):
-        return
+    if case not in ("pfedlora", "pfedlora-mean-ranks", "pfedlora-svd-ranks"):
+        return  # the other variants' bytes: tests/test_lora_variants.py
     # pFedLoRA's wire: each client sends and receives A (r x d) and B (C x r) in float32, at its own rank
-    ranks = [2, 4, 8] if case == "pfedlora-svd-ranks" else [cfg["pfedlora.rank"]] * 3
+    ranks = [2, 4, 8] if case.endswith("-ranks") else [cfg["pfedlora.rank"]] * 3
     d, c = cfg.representation_dim, cfg.num_classes
     assert int(flower_rows[0]["bytes_up"]) == 4 * sum(r * d + c * r for r in ranks) == int(flower_rows[0]["bytes_down"])
 
