@@ -189,7 +189,7 @@ def compare(
                                           "the six baselines), later (FD, FedTGP, FedMRL, pFedES, FedSSA, pFedAFM), "
                                           "all; an entry may fix the method's own settings, e.g. \"pfedlora, "
                                           "pfedlora(rank=4, mu=0.5)\" (an ablation; the first entry is the "
-                                          "reference)"),
+                                          "reference); with --from: which finished entries, in which order"),
     set_: list[str] | None = typer.Option(None, "--set", "-s", help="override a recipe key for all runs: key=value"),
     seeds: int = typer.Option(1, "--seeds", help="number of seeds: the recipe's seed, seed+1, ..."),
     seed: int | None = typer.Option(None, "--seed", help="first seed (default: the recipe's)"),

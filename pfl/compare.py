@@ -678,8 +678,8 @@ def compare(recipe: str | None, sources: list[Path], methods: str | None, overri
     """`pfl compare`: the finished runs of `sources` (run or comparison directories), or every entry of
     `methods` (`parse_entries`) on `recipe` for `seeds` seeds (each tuned first with `tune_trials` trials when
     > 0); then the table and plots in `out`, rows in the entries' order (--from: in the order of the sources'
-    comparison.csv). `hardware()` gives (Hardware, Resources) once runs need them, so that options
-    are checked in the order the command always did. RunFailed when every run failed."""
+    comparison.csv, or those of `methods` in its order). `hardware()` gives (Hardware, Resources) once runs
+    need them, so that options are checked in the order the command always did. RunFailed when every run failed."""
     if seeds < 1:
         raise PflUserError(f"--seeds: must be an integer >= 1, got {seeds}")
     if tune_trials < 0:
@@ -688,13 +688,20 @@ def compare(recipe: str | None, sources: list[Path], methods: str | None, overri
         raise PflUserError(f"--tune-rounds: must be an integer >= 1 and goes with --tune-trials, got {tune_rounds}")
     failures: list[tuple[str, int, str]] = []
     if sources:
-        if methods or overrides or seed is not None or seeds != 1 or tune_trials or trackers:
-            raise PflUserError("--from: --methods, --set, --seed, --seeds, --tune-trials and --logger apply only "
-                               "with --recipe")
+        if overrides or seed is not None or seeds != 1 or tune_trials or trackers:
+            raise PflUserError("--from: --set, --seed, --seeds, --tune-trials and --logger apply only with --recipe")
         records = collect_runs(sources)
         order = table_order(sources)
+        if methods:  # a view of finished runs: these entries, in this order, the first the reference
+            order = [e.label for e in parse_entries(methods)]
+            found = {r.label for r in records}
+            missing = [label for label in order if label not in found]
+            if missing:
+                raise PflUserError(f"--methods: {missing[0]!r} has no finished run in --from; the runs there: "
+                                   f"{', '.join(ordered_labels(sorted(found)))}")
+            records = [r for r in records if r.label in order]
         if out is None:
-            out = sources[0] if len(sources) == 1 and (sources[0] / "runs").is_dir() else \
+            out = sources[0] if len(sources) == 1 and (sources[0] / "runs").is_dir() and not methods else \
                 Path("runs") / f"compare-{datetime.now():%Y%m%d-%H%M%S}"
     else:
         records, failures, out, order = _run_methods(recipe, methods, overrides, seeds, seed, out, tune_trials,

@@ -292,6 +292,24 @@ def test_from_rebuilds_an_entry_comparison_and_every_legend_names_the_entries(en
     assert table_rows(tmp_path / "again" / "comparison.csv") == table_rows(out / "comparison.csv")
 
 
+def test_from_with_methods_picks_and_orders_entries_and_pairs_with_the_first(entry_comparison, tmp_path):
+    out, _ = entry_comparison
+    view = tmp_path / "view"
+    res = invoke("compare", "--from", str(out), "--methods", f"standalone, {LABELS[0]}", "--out", str(view))
+    assert res.exit_code == 0, (res.stdout[-2000:], res.stderr[-2000:], res.exception)
+    rows = table_rows(view / "comparison.csv")
+    assert [r["method"] for r in rows] == ["standalone", LABELS[0]]
+    final = {(label, s): json.loads((out / "runs" / f"{slug}-seed{s}" / "summary.json").read_text())["final"]
+             ["acc_mean"] for label, slug in zip(LABELS, SLUGS) for s in (0, 1)}
+    paired = [final[LABELS[0], s] - final["standalone", s] for s in (0, 1)]
+    assert float(rows[1]["final_minus_standalone_mean"]) == pytest.approx(statistics.mean(paired))
+    assert table_rows(out / "comparison.csv")[0]["method"] == LABELS[0]  # the source's own table untouched
+    res = invoke("compare", "--from", str(out), "--methods", "standalone, fml", "--out", str(tmp_path / "x"))
+    assert res.exit_code == 2 and not (tmp_path / "x").exists()
+    assert "--methods: 'fml' has no finished run in --from; the runs there: pfedlora(mu=0.5), " in \
+        " ".join(res.stderr.split())
+
+
 def test_one_entrys_seeds_must_agree_but_entries_of_a_method_differ(entry_comparison, tmp_path):
     """Two entries of pFedLoRA differ in its settings on purpose; a run labelled as one of them with another
     learning rate is refused by label."""
