@@ -35,7 +35,7 @@ def test_assignment_heterogeneous_k_mod_5_and_homogeneous_all_cnn1():
 
 
 def test_adapter_has_lora_init_and_same_shape_for_all_five_cnns(make_cfg):
-    cfg = make_cfg({"synthetic.num_classes": 10, "synthetic.image_shape": [3, 32, 32]})
+    cfg = make_cfg({"synthetic.num_classes": 10, "synthetic.image_shape": [3, 32, 32], "num_clients": 5})
     spec = TaskSpec((3, 32, 32), 10, 500, BatchTransform((0.5,) * 3, (0.25,) * 3, False))
     algo = ALGORITHMS["pfedlora"](cfg, spec)
     shapes = {name: {k: tuple(v.shape) for k, v in algo.make_client(name).upload().items()}
