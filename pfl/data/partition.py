@@ -141,7 +141,7 @@ def partition_indices(labels: np.ndarray, cfg, num_classes: int
     fraction = getattr(cfg, "data_fraction", 1.0)
     if fraction < 1.0:  # partition a subset, then map its positions back to pooled indices
         keep = stratified_subset(labels, fraction, np.random.default_rng([cfg.seed, 4]))
-        whole = Config({**cfg._values, "data_fraction": 1.0})
+        whole = Config({**cfg.as_flat(), "data_fraction": 1.0})
         return [tuple(keep[part] for part in client) for client in partition_indices(labels[keep], whole, num_classes)]
     rng = np.random.default_rng([cfg.seed, 1])
     n = cfg.num_clients
