@@ -101,6 +101,7 @@ def test_runs_of_different_protocols_cannot_be_compared(comparison, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.heavy
 def test_methods_may_differ_in_hyperparameters_but_not_between_their_own_seeds(comparison, tmp_path):
     """Tuned comparisons run each method with its own learning rate; one method's seeds must agree."""
     out, _ = comparison

@@ -210,6 +210,7 @@ def test_pfl_certificates_writes_a_private_directory(tmp_path):
     assert "192.0.2.7" in certificate_names(out / "server.crt")
 
 
+@pytest.mark.heavy
 @pytest.mark.slow
 @pytest.mark.flower
 def test_insecure_loopback_deploy_still_runs(tmp_path):

@@ -102,7 +102,13 @@ BIT_FOR_BIT = {"pfedlora": {}, "fedkd": {}, "fedssa": {}, "pfedafm": {},
                   for how in ("mean", "svd", "stack", "freeze_a", "share_a")}}
 
 
-@pytest.mark.parametrize("case", sorted(BIT_FOR_BIT))
+# the default run keeps one case per kind of state (pFedLoRA, FedKD's server state, heterogeneous ranks); -m heavy
+# runs every case
+DEFAULT_BIT_FOR_BIT = {"pfedlora", "fedkd", "pfedlora-svd-ranks"}
+
+
+@pytest.mark.parametrize("case", [c if c in DEFAULT_BIT_FOR_BIT else pytest.param(c, marks=pytest.mark.heavy)
+                                  for c in sorted(BIT_FOR_BIT)])
 def test_simulation_equals_local_run_bit_for_bit(tmp_path, case):
     """3 clients, 2 rounds through Flower's simulation (Ray actors, 1 thread each; the server with 1 thread)
     end exactly where the local engine ends with 1 thread: private states survive between rounds on the nodes,
@@ -139,6 +145,7 @@ def test_simulation_equals_local_run_bit_for_bit(tmp_path, case):
     assert int(flower_rows[0]["bytes_up"]) == 4 * sum(r * d + c * r for r in ranks) == int(flower_rows[0]["bytes_down"])
 
 
+@pytest.mark.heavy
 def test_simulation_drops_crashed_hung_nan_and_misshaped_clients(tmp_path, caplog):
     """Round 2: client 1 returns NaN, client 2 crashes, client 3 hangs past the timeout, client 4 sends a
     mis-shaped update. Only client 0's update is aggregated; round 1's aggregate is the weighted mean of all."""
@@ -248,6 +255,7 @@ class _LosesNode1AfterRound1(LocalWorkers):
         return super().evaluate({k: d for k, d in downloads.items() if k not in self.GONE}, split)
 
 
+@pytest.mark.heavy
 @pytest.mark.slow
 def test_deployment_survives_a_killed_supernode_and_equals_the_local_engine(tmp_path):
     """`pfl deploy`: a SuperLink, 2 SuperNodes, their warm ClientApp processes and flwr run as separate
@@ -331,6 +339,7 @@ def test_deployment_survives_a_killed_supernode_and_equals_the_local_engine(tmp_
 
 # ---------------------------------------------------------------- resuming a simulation
 
+@pytest.mark.heavy
 @pytest.mark.slow
 def test_simulation_killed_after_a_checkpoint_resumes_to_the_uninterrupted_result(tmp_path):
     """`pfl train --engine flower` (Ray simulation; 4 clients, half sampled per round, so a checkpoint lacks

@@ -28,7 +28,7 @@ from pfl import config
 from pfl.flower.deploy import descendants
 from pfl.run import Hardware, train
 
-pytestmark = [pytest.mark.flower, pytest.mark.slow]
+pytestmark = [pytest.mark.flower, pytest.mark.slow, pytest.mark.heavy]
 REPO = Path(__file__).resolve().parents[1]
 TAG = f"{os.getpid()}"
 HUB, LINK = f"pfl-hub-{TAG}", f"pfl-link-{TAG}"

@@ -63,6 +63,7 @@ def _checkpointed_staging(runs: Path, at_least: int):
     return None
 
 
+@pytest.mark.heavy
 @pytest.mark.ray
 def test_a_killed_worker_fails_its_run_only_and_the_rerun_resumes_it(tmp_path, no_ray_left):
     """SIGKILL the Ray worker training one run after its checkpoint of round 2: the other runs finish, the
@@ -147,6 +148,7 @@ def test_bad_parallel_input_exits_2_with_one_line_and_writes_nothing(tmp_path, m
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.heavy
 @pytest.mark.ray
 def test_ctrl_c_stops_every_worker_and_leaves_resumable_runs(tmp_path, no_ray_left):
     args = ["--recipe", "smoke", "--methods", "pfedlora,standalone", "--seeds", "1", "--set", "rounds=8",

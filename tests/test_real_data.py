@@ -14,7 +14,7 @@ pytestmark = [pytest.mark.slow,
 
 def test_pfedlora_on_fashion_mnist_is_far_above_chance_after_two_rounds(tmp_path, monkeypatch):
     monkeypatch.setenv("PFL_DATA_DIR", str(tmp_path / "data"))
-    cfg, _ = config.load("fmnist", ["rounds=2"])
+    cfg, _ = config.load("fmnist", ["rounds=2", "data_fraction=0.25"])
     summary = train(cfg, tmp_path / "run", Hardware())
     # 2 classes per client: chance is 50%; a model that learnt nothing stays near it
     assert summary["final"]["acc_mean"] > 0.85, summary["final"]

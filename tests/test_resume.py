@@ -57,7 +57,8 @@ def same_state(a: Path, b: Path) -> bool:
 
 
 # FedKD samples half the clients per round, so its checkpoints hard-link the others' files from the last one
-@pytest.mark.parametrize("method, store, participation", [("pfedlora", "memory", 1.0), ("fedkd", "disk", 0.5)])
+@pytest.mark.parametrize("method, store, participation",
+                         [("pfedlora", "memory", 1.0), pytest.param("fedkd", "disk", 0.5, marks=pytest.mark.heavy)])
 def test_sigkill_at_random_points_then_resume_equals_an_uninterrupted_run(tmp_path, method, store, participation):
     settings = ["--set", "rounds=10", "--set", "checkpoint_every=1", "--set", f"method={method}",
                 "--set", f"store={store}", "--set", f"participation={participation}"]

@@ -57,6 +57,7 @@ def test_tuning_never_reads_test_data(tmp_path, monkeypatch):
     assert 0.5 < first.best_objective <= 1.0
 
 
+@pytest.mark.heavy
 def test_a_continued_study_grows_and_repeats_no_trial(tmp_path):
     out = tmp_path / "tune"
     res = pfl("tune", "--recipe", "smoke", "--method", "standalone", "--trials", "2", "--set", "rounds=2",
@@ -73,6 +74,7 @@ def test_a_continued_study_grows_and_repeats_no_trial(tmp_path):
     assert "pfl tune standalone: 4 trials" in res.stdout
 
 
+@pytest.mark.heavy
 def test_a_killed_tune_resumes_its_running_trial(tmp_path):
     """SIGKILL during trial 1 (after its checkpoint of round 2): the same command finishes trial 1 from its
     checkpoint and the study ends with exactly the trials asked for."""
@@ -162,6 +164,7 @@ def test_every_method_has_a_default_space_of_the_same_size(tmp_path):
     assert sizes == {3}
 
 
+@pytest.mark.heavy
 def test_compare_tunes_every_method_with_the_same_budget_then_runs_the_seeds(tmp_path):
     out = tmp_path / "cmp"
     args = ["compare", "--recipe", "smoke", "--methods", "pfedlora,standalone", "--seeds", "2", "--set", "rounds=2",
