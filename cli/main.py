@@ -186,10 +186,11 @@ def compare(
     recipe: str | None = typer.Option(None, "--recipe", "-r", help="recipe to run every method on"),
     methods: str | None = typer.Option(None, "--methods", "-m",
                                           help="comma-separated methods or groups: paper (default: pFedLoRA and "
-                                          "the six baselines), later (FD, FedTGP, FedMRL, pFedES, FedSSA, pFedAFM), "
-                                          "all; an entry may fix the method's own settings, e.g. \"pfedlora, "
-                                          "pfedlora(rank=4, mu=0.5)\" (an ablation; the first entry is the "
-                                          "reference); with --from: which finished entries, in which order"),
+                                          "the six baselines), later (FD, FedTGP, FedMRL, pFedES, FedSSA, pFedAFM, "
+                                          "FedGen, FedL2G), all; an entry may fix the method's own settings, "
+                                          "e.g. \"pfedlora, pfedlora(rank=4, mu=0.5)\" (an ablation; the first "
+                                          "entry is the reference); with --from: which finished entries, in which "
+                                          "order"),
     set_: list[str] | None = typer.Option(None, "--set", "-s", help="override a recipe key for all runs: key=value"),
     seeds: int = typer.Option(1, "--seeds", help="number of seeds: the recipe's seed, seed+1, ..."),
     seed: int | None = typer.Option(None, "--seed", help="first seed (default: the recipe's)"),
@@ -316,21 +317,24 @@ def recipes(
 @app.command()
 def models(
     recipe: str | None = typer.Option(None, "--recipe", "-r", help="size the models for this recipe's input, "
-                                         "classes and representation_dim, and list its zoo (default: every model, "
-                                         "Fashion-MNIST-sized input)"),
+                                         "classes and representation_dim, and list its zoo (default: every image "
+                                         "model, Fashion-MNIST-sized input)"),
     set_: list[str] | None = typer.Option(None, "--set", "-s", help="override a recipe key"),
-    all_: bool = typer.Option(False, "--all", help="with --recipe: every registered model, not only its zoo"),
+    all_: bool = typer.Option(False, "--all", help="with --recipe: every registered model that reads its data (images "
+                              "or text), not only its zoo"),
 ) -> None:
     """List the model zoo: parameters and forward FLOPs per sample of each architecture for the recipe's input."""
     from pfl import config
-    from pfl.models import MODEL_REGISTRY, ZOOS, describe_model
+    from pfl.models import MODEL_REGISTRY, ZOOS, describe_model, is_text_model
 
     with ui.exits():
         cfg, _ = config.load(recipe, set_ or []) if recipe else (config.resolve({"dataset": "fmnist"}, {}), "")
-    names = list(MODEL_REGISTRY) if all_ or not recipe else list(dict.fromkeys(cfg.model_zoo))
-    shape, classes, d = cfg.image_shape, cfg.num_classes, cfg.representation_dim
+    readable = [n for n in MODEL_REGISTRY if is_text_model(n) == cfg.is_text]
+    names = readable if all_ or not recipe else list(dict.fromkeys(cfg.model_zoo))
+    shape, classes, d, vocab = cfg.image_shape, cfg.num_classes, cfg.representation_dim, _vocab_size(cfg)
     zoos = {n: [z for z, members in ZOOS.items() if n in members] for n in names}
-    table = Table(title=f"models for input {list(shape)}, {classes} classes, d={d}")
+    data = f"token ids {list(shape)} (vocabulary {vocab:,})" if vocab else f"input {list(shape)}"
+    table = Table(title=f"models for {data}, {classes} classes, d={d}")
     for col, justify in (("model", "left"), ("params", "right"), ("phi", "right"), ("head", "right"),
                          ("MFLOPs", "right"), ("zoos", "left")):
         table.add_column(col, justify=justify, no_wrap=col != "zoos")
@@ -340,7 +344,7 @@ def models(
         table.add_column("adapter rank", justify="right")
         table.caption += "; adapter rank: pFedLoRA's rank for the recipe's clients of that model"
     for name in names:
-        info = describe_model(name, shape, classes, d)
+        info = describe_model(name, shape, classes, d, vocab)
         table.add_row(name, f"{info['params']:,}", f"{info['phi_params']:,}", f"{info['head_params']:,}",
                       f"{info['forward_flops'] / 1e6:,.1f}", ", ".join(zoos[name]),
                       *([str(ranks.get(name, "-"))] if ranks else []))
@@ -351,8 +355,13 @@ def _adapter_ranks(cfg) -> dict[str, int]:
     """Architecture -> adapter rank, for a method whose clients carry adapters of per-architecture ranks."""
     from pfl.algorithms import ALGORITHMS, TaskSpec
 
-    algorithm = ALGORITHMS[cfg.method](cfg, TaskSpec(cfg.image_shape, cfg.num_classes, cfg.representation_dim, None))
-    return dict(getattr(algorithm, "arch_ranks", {}))
+    spec = TaskSpec(cfg.image_shape, cfg.num_classes, cfg.representation_dim, None, _vocab_size(cfg))
+    return dict(getattr(ALGORITHMS[cfg.method](cfg, spec), "arch_ranks", {}))
+
+
+def _vocab_size(cfg) -> int:
+    """The models' vocabulary: the recipe's `vocab_size` on a text data set, 0 (images) otherwise."""
+    return cfg.vocab_size if cfg.is_text else 0
 
 
 @app.command()

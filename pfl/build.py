@@ -13,6 +13,7 @@ from pfl.algorithms import ALGORITHMS, Algorithm, TaskSpec
 from pfl.algorithms.base import payload_bytes
 from pfl.data import BatchTransform, build_clients, load_dataset
 from pfl.data.partition import ClientData
+from pfl.data.text import TokenTransform
 from pfl.errors import PflUserError
 from pfl.federation import make_runner
 from pfl.models import assign_architectures, build_model
@@ -61,8 +62,9 @@ def build(cfg: Config) -> Setup:
     dataset = load_dataset(cfg)
     clients = build_clients(dataset, cfg)
     architectures = assign_architectures(cfg.num_clients, cfg.model_setting, cfg.model_zoo)
-    spec = TaskSpec(dataset.image_shape, dataset.num_classes, cfg.representation_dim,
-                    BatchTransform(dataset.mean, dataset.std, augment=cfg.augment))
+    transform = TokenTransform() if dataset.vocab_size else BatchTransform(dataset.mean, dataset.std,
+                                                                           augment=cfg.augment)
+    spec = TaskSpec(dataset.image_shape, dataset.num_classes, cfg.representation_dim, transform, dataset.vocab_size)
     _check_models_fit(architectures, spec)
     return Setup(cfg, clients, architectures, ALGORITHMS[cfg.method](cfg, spec))
 
@@ -70,7 +72,7 @@ def build(cfg: Config) -> Setup:
 def _check_models_fit(architectures: list[str], spec: TaskSpec) -> None:
     for arch in sorted(set(architectures)):
         try:
-            build_model(arch, spec.image_shape, spec.num_classes, spec.representation_dim)
+            build_model(arch, spec.image_shape, spec.num_classes, spec.representation_dim, spec.vocab_size)
         except ValueError as exc:
             raise PflUserError(f"recipe key 'model_zoo': {exc}") from None
 

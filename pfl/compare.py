@@ -182,7 +182,7 @@ def _parse_entry(item: str) -> list[Entry]:
 
 def parse_entries(text: str | None) -> list[Entry]:
     """`--methods`: comma-separated entries (commas inside parentheses belong to their entry), each a method,
-    a group (paper: pFedLoRA and its six baselines; later: the six later methods; all: both, thirteen) or
+    a group (paper: pFedLoRA and its six baselines; later: the eight later methods; all: both, fifteen) or
     `method(key=value, ...)` with some of the method's own settings; default paper. ConfigError names the
     entry; values are checked against the recipe in `plan`."""
     try:

@@ -17,8 +17,9 @@ from typing import Any
 from pfl.algorithms import ALGORITHMS
 from pfl.algorithms.aggregation import RULES
 from pfl.errors import ConfigError
-from pfl.models import MODEL_REGISTRY, ZOOS
-from pfl.schema import TABLE_KINDS, Config, Field
+from pfl.models import ZOOS, model_problem
+from pfl.models.text import modality_problem
+from pfl.schema import TABLE_KINDS, TEXT_DATASETS, Config, Field
 
 __all__ = [
     "LABEL_KEYS",
@@ -55,7 +56,7 @@ def _plain_file_name(value: str) -> str | None:
     return None
 
 
-DATASETS = ("cifar10", "cifar100", "fmnist", "synthetic")
+DATASETS = ("cifar10", "cifar100", "fmnist", "synthetic", *TEXT_DATASETS)
 
 # The top-level schema. Method-specific tables come from each algorithm's SETTINGS.
 SCHEMA: dict[str, Field] = {
@@ -65,6 +66,12 @@ SCHEMA: dict[str, Field] = {
     "dataset": Field("str", "synthetic", "data set", choices=DATASETS),
     "data_dir": Field("str", "", "where the data set lives; empty: the data set's default place"),
     "download": Field("bool", True, "download the data set when it is missing and the internet is reachable"),
+    "max_len": Field("int", 128, "text data sets: tokens per sample (longer texts are truncated, shorter ones padded "
+                     "with id 0); ignored for images", low=1, high=100_000),
+    "vocab_size": Field("int", 16384, "text data sets: token ids are hashed into 1..vocab_size-1 (0 is padding); "
+                        "ignored for images", low=2, high=10_000_000),
+    "text_bigrams": Field("bool", True, "text data sets: each word from the second on is followed by the bigram it "
+                          "closes (pfl.data.text); ignored for images"),
     "partition": Field("str", "pathological", "label skew across clients",
                        choices=("pathological", "dirichlet", "iid")),
     "classes_per_client": Field("int", 2, "pathological partition: classes per client", low=1),
@@ -95,7 +102,9 @@ SCHEMA: dict[str, Field] = {
                            choices=("heterogeneous", "homogeneous")),
     "model_zoo": Field("list[str]", ZOOS["paper-cnn"], "architectures, in order, or a zoo's name (paper-cnn: the "
                        "paper's five CNNs; htfe8: a CNN, GoogLeNet, MobileNetV2, ResNet-18/34/50/101/152; "
-                       "mixed-small: CNN-1, ResNet-18, MobileNetV3-small, ShuffleNetV2, a small ViT)", named=ZOOS),
+                       "mixed-small: CNN-1, ResNet-18, MobileNetV3-small, ShuffleNetV2, a small ViT; a name may "
+                       "carry a head deeper than one layer, e.g. resnet18+h512-256; zoos of such heads: "
+                       "paper-cnn-htc4, res34-htc4, htfe8-htc4)", named=ZOOS),
     "representation_dim": Field("int", 500, "d, size of the representation shared by the zoo", low=1,
                                 high=65536),
     "augment": Field("bool", False, "random crop (pad 4) and horizontal flip while training"),
@@ -271,9 +280,12 @@ def _cross_checks(cfg: Config, methods: Mapping[str, Any]) -> None:
         raise ConfigError(f"recipe key 'method': must be one of {', '.join(sorted(methods))}, "
                           f"got {cfg.method!r}")
     for name in cfg.model_zoo:
-        if name not in MODEL_REGISTRY:
-            raise ConfigError(f"recipe key 'model_zoo': unknown model {name!r}; known models are "
-                              f"{', '.join(sorted(MODEL_REGISTRY))}")
+        problem = model_problem(name) or modality_problem(name, cfg.dataset, cfg.is_text)
+        if problem:
+            raise ConfigError(f"recipe key 'model_zoo': {problem}")
+    if cfg.is_text and cfg.augment:
+        raise ConfigError(f"recipe key 'augment': random crop and flip are image augmentations; it must be false "
+                          f"for the text data set {cfg.dataset}")
     if cfg.partition == "pathological" and cfg.classes_per_client > cfg.num_classes:
         raise ConfigError(f"recipe key 'classes_per_client': must be <= the {cfg.num_classes} classes "
                           f"of {cfg.dataset}, got {cfg.classes_per_client}")

@@ -18,8 +18,10 @@ from pfl.errors import ConfigError
 # What travels between clients and server and what a state file holds: named tensors.
 Tensors = dict[str, torch.Tensor]
 
-NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "fmnist": 10}
+NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "fmnist": 10, "bbc-news": 5, "agnews": 4}
 IMAGE_SHAPES = {"cifar10": (3, 32, 32), "cifar100": (3, 32, 32), "fmnist": (1, 28, 28)}
+# data sets of token ids (N, max_len) rather than images (pfl.data.text)
+TEXT_DATASETS = ("bbc-news", "agnews", "synthetic_text")
 
 
 class FrozenTable(dict):
@@ -176,12 +178,20 @@ class Config:
 
     @property
     def num_classes(self) -> int:
-        if self.dataset == "synthetic":
+        if self.dataset in ("synthetic", "synthetic_text"):
             return self._values["synthetic.num_classes"]
         return NUM_CLASSES[self.dataset]
 
     @property
-    def image_shape(self) -> tuple[int, int, int]:
+    def is_text(self) -> bool:
+        """Whether the data set is text (token ids of length max_len) rather than images."""
+        return self.dataset in TEXT_DATASETS
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        """One sample's shape: (C, H, W), or (max_len,) token ids for text."""
+        if self.is_text:
+            return (self._values["max_len"],)
         if self.dataset == "synthetic":
             return tuple(self._values["synthetic.image_shape"])
         return IMAGE_SHAPES[self.dataset]

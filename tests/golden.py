@@ -29,13 +29,14 @@ SMOKE = Path(__file__).parents[1] / "recipes" / "smoke.toml"
 TIMING = ("train_seconds", "eval_seconds")
 
 METHODS = ("standalone", "fedavg", "lg_fedavg", "fd", "fml", "fedkd", "fedproto", "fedgh", "fedtgp", "fedmrl",
-           "pfedes", "fedssa", "pfedafm", "pfedlora")
+           "pfedes", "fedssa", "pfedafm", "pfedlora", "fedgen", "fedl2g")
 # settings whose code paths the defaults do not take
 VARIANTS = {
     "pfedlora-mu-lr-global": {"pfedlora.mu": 0.5, "pfedlora.adapter_lr": 0.05, "pfedlora.inference_adapter": "global"},
     "pfedlora-round-start-val": {"evaluate_at": "round_start", "val_fraction": 0.2},
     "fedproto-prototype": {"method": "fedproto", "fedproto.inference": "prototype"},
     "fedgh-global": {"method": "fedgh", "fedgh.inference": "global"},
+    "fedl2g-logit": {"method": "fedl2g", "fedl2g.variant": "logit"},
     "fedavg-partial-median": {"method": "fedavg", "model_setting": "homogeneous", "participation": 0.5,
                               "aggregation": "median"},
 }

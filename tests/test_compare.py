@@ -176,7 +176,7 @@ def test_bad_compare_input_exits_2_with_one_line(tmp_path, monkeypatch, args, me
     assert not (tmp_path / "cmp").exists() and not (tmp_path / "runs").exists()
 
 
-def test_all_thirteen_methods_finish_a_comparison(tmp_path):
+def test_all_fifteen_methods_finish_a_comparison(tmp_path):
     """Smaller than the smoke recipe (half its data, pFedES's extractor phase 1 epoch longer than the local one,
     not 10): the point is that every method goes through compare, not how well it learns."""
     from typer.testing import CliRunner
@@ -189,7 +189,7 @@ def test_all_thirteen_methods_finish_a_comparison(tmp_path):
     assert res.exit_code == 0, (res.stdout[-2000:], res.stderr[-2000:], res.exception)
     rows = read_csv(out / "comparison.csv")
     assert list(rows) == ["pfedlora", "standalone", "lg_fedavg", "fml", "fedkd", "fedproto", "fedgh",
-                          "fd", "fedtgp", "fedmrl", "pfedes", "fedssa", "pfedafm"]
+                          "fd", "fedtgp", "fedmrl", "pfedes", "fedssa", "pfedafm", "fedgen", "fedl2g"]
     for method, row in rows.items():
         assert 0.25 < float(row["final_acc_mean"]) <= 1.0, method  # 4 classes: above chance
     assert float(rows["standalone"]["bytes_per_round"]) == 0

@@ -88,3 +88,19 @@ def test_named_zoos_cover_every_registered_family():
         set(MODEL_REGISTRY)
     assert ZOOS["htfe8"][1:] == ["googlenet", "mobilenet_v2", "resnet18", "resnet34", "resnet50", "resnet101",
                                  "resnet152"]
+
+
+@pytest.mark.parametrize("arch", LIGHT)
+def test_every_light_family_starts_with_a_live_representation(arch):
+    """phi ends in a ReLU: a family whose projection to d starts at zero (torchvision's ViT zero-initialises its
+    classifier) would output h = 0 with zero gradient and never learn a representation."""
+    from pfl.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(arch, SHAPE, CLASSES, 64)
+    model.train()
+    h = model.phi(torch.rand(4, *SHAPE))
+    assert (h > 0).float().mean() > 0.1, arch
+    model(torch.rand(4, *SHAPE)).sum().backward()
+    grads = [p.grad for p in model.phi.parameters() if p.grad is not None]
+    assert grads and sum(float(g.norm()) for g in grads) > 0, arch

@@ -15,8 +15,9 @@ for _module in pkgutil.iter_modules(__path__):
 
 # The comparison of the paper: pFedLoRA against the six model-heterogeneous baselines.
 PAPER_METHODS = ("pfedlora", "standalone", "lg_fedavg", "fml", "fedkd", "fedproto", "fedgh")
-# The later model-heterogeneous methods (docs/algorithms.md), four of them by pFedLoRA's authors.
-LATER_METHODS = ("fd", "fedtgp", "fedmrl", "pfedes", "fedssa", "pfedafm")
+# The later model-heterogeneous methods (docs/algorithms.md), four of them by pFedLoRA's authors, and two of the
+# field's benchmark library (HtFLlib): FedGen and FedL2G.
+LATER_METHODS = ("fd", "fedtgp", "fedmrl", "pfedes", "fedssa", "pfedafm", "fedgen", "fedl2g")
 
 __all__ = ["ALGORITHMS", "LATER_METHODS", "PAPER_METHODS", "Algorithm", "ClientModule", "Phase", "Settings",
            "TaskSpec", "Upload", "register"]

@@ -97,8 +97,10 @@ class Phase:
     """One training phase of a client's round, carrying everything that makes it differ from another phase:
     what trains (modules or single parameters; everything else is frozen), on which loss, for how many
     epochs; optionally its learning rate (default: the recipe's `lr`), parameters that train at their own
-    learning rate (optimiser parameter groups), a projection after every optimiser step, and frozen modules
-    that stay in eval mode while it trains (their batch-norm statistics and dropout stay untouched).
+    learning rate (optimiser parameter groups), a projection after every optimiser step, frozen modules
+    that stay in eval mode while it trains (their batch-norm statistics and dropout stay untouched), and the
+    training samples it trains on (indices into the client's training data; default: all of them; FedL2G
+    holds its quiz split out of local training).
 
     Every phase gets a fresh SGD optimiser (the recipe's momentum and weight decay) in every client round."""
 
@@ -110,6 +112,7 @@ class Phase:
     own_lr: Sequence[tuple[nn.Parameter, float]] = ()
     after_step: Callable[[], None] | None = None
     eval_mode: Sequence[nn.Module] = ()
+    samples: torch.Tensor | None = None
 
     def parameters(self) -> list[nn.Parameter]:
         """The trained parameters, in the order of `trains`."""
@@ -121,12 +124,14 @@ class Phase:
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """What a method needs to know about the task to build client modules."""
+    """What a method needs to know about the task to build client modules. A text task's `image_shape` is
+    (max_len,) and its `transform` keeps token ids as they are; `vocab_size` is 0 for images."""
 
-    image_shape: tuple[int, int, int]
+    image_shape: tuple[int, ...]
     num_classes: int
     representation_dim: int
     transform: BatchTransform
+    vocab_size: int = 0
 
 
 @dataclass
@@ -327,9 +332,10 @@ class ClientModule(L.LightningModule):
 
     def transform(self, x: torch.Tensor, train: bool) -> torch.Tensor:
         """Raw uint8 images -> normalised floats in the module's dtype (a true-precision run, bf16-true or
-        64-true, converts the module once; every method's own data path then follows it)."""
+        64-true, converts the module once; every method's own data path then follows it). Token ids of a text
+        task stay int64."""
         out = self.batch_transform(x, train)
-        return out if out.dtype == self.dtype else out.to(self.dtype)
+        return out if out.dtype == self.dtype or not out.is_floating_point() else out.to(self.dtype)
 
     def phase_named(self, name: str) -> Phase:
         for phase in self.phases():
@@ -409,6 +415,91 @@ class LocalClient(ClientModule):
         return F.cross_entropy(self.model(x), y)
 
 
+class ClassSums:
+    """Per-class sum and count of representations, added on the device they were computed on (no host sync
+    per step), in float32 or wider whatever the run's precision: plain tensors, not buffers, which a
+    true-half precision would convert to its dtype."""
+
+    def __init__(self, num_classes: int, dim: int):
+        self.num_classes, self.dim = num_classes, dim
+        self.sums: torch.Tensor | None = None
+        self.counts: torch.Tensor | None = None
+
+    def reset(self) -> None:
+        self.sums = self.counts = None
+
+    @torch.no_grad()
+    def add(self, h: torch.Tensor, y: torch.Tensor) -> None:
+        if self.sums is None:
+            dtype = torch.promote_types(h.dtype, torch.float32)
+            self.sums = torch.zeros(self.num_classes, self.dim, dtype=dtype, device=h.device)
+            self.counts = torch.zeros(self.num_classes, dtype=torch.int64, device=h.device)
+        self.sums.index_add_(0, y, h.detach().to(self.sums.dtype))
+        self.counts.index_add_(0, y, torch.ones_like(y, dtype=torch.int64))
+
+    def means(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(labels [m] int64, means [m, d] float32, counts [m] int64) of the m classes added, on the CPU."""
+        if self.sums is None:
+            return torch.zeros(0, dtype=torch.int64), torch.zeros(0, self.dim), torch.zeros(0, dtype=torch.int64)
+        sums, counts = self.sums.cpu(), self.counts.cpu()
+        present = torch.nonzero(counts > 0).flatten()
+        return present, (sums[present] / counts[present].unsqueeze(1).to(sums.dtype)).float(), counts[present]
+
+
+PROTOTYPE_SOURCES = ("after_training", "training_pass", "before_training")
+
+
+class PrototypeClient(LocalClient):
+    """A LocalClient that uploads per-class prototypes (FedProto, FedGH, FedTGP), taken where its
+    `prototypes_from` says; libraries differ here, and the difference moves accuracy:
+
+    - "after_training": a pass of the trained model over the whole training set in eval mode;
+    - "training_pass": the mean of the phi(x) its training steps computed (train mode, each before its step,
+      on the batches as trained: every local epoch, the last partial batch included), as HtFLlib's FedProto;
+    - "before_training": the "after_training" pass with the model as it was when training began (HtFLlib's
+      and the authors' FedTGP reload the round-start model before computing them).
+
+    `local_loss` computes phi(x) through `represent`, which counts it in "training_pass" mode."""
+
+    def __init__(self, model, cfg: Config, transform: BatchTransform, num_classes: int, prototypes_from: str):
+        super().__init__(model, cfg, transform, num_classes)
+        if prototypes_from not in PROTOTYPE_SOURCES:
+            raise ValueError(f"prototypes_from must be one of {', '.join(PROTOTYPE_SOURCES)}, got {prototypes_from!r}")
+        self.prototypes_from = prototypes_from
+        self.seen = ClassSums(num_classes, model.representation_dim)
+        self.round_start_state: Tensors | None = None
+
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        self.seen.reset()  # here, after the engine's FLOP measurement step, whose loss must not count
+        if self.prototypes_from == "before_training":
+            self.round_start_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+    def represent(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """phi(x) for the loss; counted into the class sums when prototypes come from the training pass."""
+        h = self.model.phi(x)
+        if self.prototypes_from == "training_pass":
+            self.seen.add(h, y)
+        return h
+
+    def prototypes(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(labels, prototypes, counts) of the classes of the client's training data; counts are the classes'
+        training samples whatever the source (a training pass sees each sample once per epoch)."""
+        data = self.data
+        if self.prototypes_from == "training_pass":
+            labels, protos, _ = self.seen.means()
+            return labels, protos, torch.bincount(data.y_train.cpu(), minlength=self.num_classes)[labels]
+        if self.prototypes_from == "after_training":
+            return class_prototypes(self.model, self.transform, data.x_train, data.y_train, self.num_classes)
+        trained = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self.model.load_state_dict(self.round_start_state)
+        try:
+            return class_prototypes(self.model, self.transform, data.x_train, data.y_train, self.num_classes)
+        finally:
+            self.model.load_state_dict(trained)
+            self.round_start_state = None
+
+
 ALGORITHMS: dict[str, type[Algorithm]] = {}
 A = TypeVar("A", bound="type[Algorithm]")
 
@@ -458,7 +549,23 @@ class Algorithm:
         """A fresh model of the zoo architecture `arch` for this task."""
         from pfl.models import build_model
 
-        return build_model(arch, self.spec.image_shape, self.spec.num_classes, self.spec.representation_dim)
+        return build_model(arch, self.spec.image_shape, self.spec.num_classes, self.spec.representation_dim,
+                           self.spec.vocab_size)
+
+    def architectures(self) -> list[str]:
+        """Client k's architecture at index k, as every engine assigns them (a server that rebuilds a client's
+        head reads it here)."""
+        from pfl.models import assign_architectures
+
+        return assign_architectures(self.cfg.num_clients, self.cfg.model_setting, self.cfg.model_zoo)
+
+    def common_head(self) -> nn.Module:
+        """A fresh head of the structure every client has (a method that exchanges heads calls `one_head` in
+        its `check_config`, so there is exactly one): a linear d -> C, or the zoo's deeper head."""
+        from pfl.models.zoo import build_head, split_architecture
+
+        widths = split_architecture(self.architectures()[0])[1]
+        return build_head(self.spec.representation_dim, widths, self.spec.num_classes)
 
     def evaluation_label(self) -> str:
         """What personalised evaluation tests, for summary.json and tables."""
@@ -505,6 +612,17 @@ class Algorithm:
         if template is None:
             return None
         return structure_problem(upload.tensors, template)
+
+
+def one_head(cfg: Config, method: str, what: str) -> None:
+    """`check_config` of a method that exchanges `what` of its clients' heads: refuse a zoo whose clients'
+    heads differ (pfl.models.zoo.head_problem), with one line naming the heads."""
+    from pfl.errors import ConfigError
+    from pfl.models import assign_architectures, head_problem
+
+    problem = head_problem(method, assign_architectures(cfg.num_clients, cfg.model_setting, cfg.model_zoo), what)
+    if problem:
+        raise ConfigError(problem)
 
 
 def structure_problem(tensors: Tensors, template: Tensors) -> str | None:

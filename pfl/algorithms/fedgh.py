@@ -1,10 +1,12 @@
 """FedGH (Yi et al. 2023): a global head trained by the server on the clients' class prototypes.
 
-Client: its head is replaced by the global head (d -> C, the same shape for every architecture), the whole
-local model trains on CE, then it sends per-class prototypes (mean phi_k(x) per class it holds, model in
-eval mode). Server: the global head trains by CE on the received (prototype, class) pairs, all pairs in one
-full batch, `server_epochs` SGD steps at `server_lr` (momentum as the recipe's, a fresh optimiser each
-round); that head is the next broadcast.
+Client: its head is replaced by the global head (d -> C, the same shape for every architecture; a deeper head
+when the zoo gives every client the same one, and a zoo whose clients' heads differ is refused), the whole
+local model trains on CE, then it sends per-class prototypes (`fedgh.prototypes_from`: the mean phi_k(x) per
+class it holds, the trained model in eval mode, "after_training", default and HtFLlib's; or the mean of the
+phi_k(x) its training steps computed, "training_pass"). Server: the global head trains by CE on the received
+(prototype, class) pairs, all pairs in one full batch, `server_epochs` SGD steps at `server_lr` (momentum as
+the recipe's, a fresh optimiser each round); that head is the next broadcast. No mean, so no weighting.
 
 Personalised inference (`fedgh.inference`): "own", the client's model as trained, its head included
 (default, the authors' code), or "global", its representation under the current global head.
@@ -21,13 +23,13 @@ from torch import nn
 from pfl.algorithms.aggregation import clip_uploads
 from pfl.algorithms.base import (
     Algorithm,
-    LocalClient,
+    PrototypeClient,
     Settings,
     Tensors,
     Upload,
-    class_prototypes,
     class_table_problem,
     cpu_clone,
+    one_head,
     prefixed,
     register,
     setting,
@@ -42,20 +44,26 @@ class FedGHSettings(Settings):
     server_lr: float = setting(0.01, "learning rate of the server's head training", low=0.0, low_open=True)
     inference: str = setting("own", "head used for personalised evaluation: the client's own as trained, or the "
                              "current global head", choices=("own", "global"))
+    prototypes_from: str = setting("after_training", "a client's prototypes: a pass of the trained model over its "
+                                   "training set in eval mode (HtFLlib), or the mean of the representations its "
+                                   "training steps computed (train mode, every local epoch)",
+                                   choices=("after_training", "training_pass"))
 
 
-class FedGHClient(LocalClient):
+class FedGHClient(PrototypeClient):
     def __init__(self, model, cfg, transform, num_classes: int, settings: FedGHSettings):
-        super().__init__(model, cfg, transform, num_classes)
+        super().__init__(model, cfg, transform, num_classes, settings.prototypes_from)
         self.settings = settings
+
+    def local_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.model.head(self.represent(x, y)), y)  # = CE(model(x), y)
 
     def receive(self, payload: Tensors) -> None:
         with torch.no_grad():
             self.model.head.load_state_dict(unprefixed("head", payload))
 
     def upload(self) -> Tensors:
-        labels, protos, _ = class_prototypes(self.model, self.transform, self.data.x_train, self.data.y_train,
-                                             self.num_classes)
+        labels, protos, _ = self.prototypes()
         return {"labels": labels, "protos": protos}
 
     def prepare_eval(self, download: Tensors) -> None:
@@ -80,8 +88,12 @@ class FedGH(Algorithm):
         head = "the current global head" if self.settings.inference == "global" else "its own head"
         return f"personalised: each client's representation on its own test set, with {head}"
 
-    def _head(self) -> nn.Linear:
-        return nn.Linear(self.spec.representation_dim, self.spec.num_classes)
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        one_head(cfg, cls.name, "its clients' heads")
+
+    def _head(self) -> nn.Module:
+        return self.common_head()
 
     def initial_global(self) -> Tensors:
         return cpu_clone(prefixed("head", self._head().state_dict()))

@@ -1,7 +1,7 @@
 """FedKD (Wu et al. 2022): a shared mentee distilled mutually with the private mentor; SVD-compressed updates.
 
 Client k holds its private model (the mentor, phi_k/head_k) and a copy of the shared mentee (CNN-5 by
-default, `fedkd.shared_model`). On every batch both learn from the labels and from each other, the
+default, text_bow on text, `fedkd.shared_model`). On every batch both learn from the labels and from each other, the
 distillation terms scaled down when the pair is still wrong (adaptive mutual distillation):
     mentor: CE_t + [KL(p_s || p_t) + MSE(h_t, h_s)] / (CE_t + CE_s)
     mentee: CE_s + [KL(p_t || p_s) + MSE(h_s, h_t)] / (CE_t + CE_s)
@@ -46,7 +46,7 @@ from pfl.algorithms.base import (
     setting,
     unprefixed,
 )
-from pfl.algorithms.fml import kl_to, known_model
+from pfl.algorithms.fml import check_shared_model, kl_to, known_model, shared_architecture
 from pfl.errors import ConfigError
 from pfl.schema import Config
 
@@ -55,7 +55,8 @@ from pfl.schema import Config
 class FedKDSettings(Settings):
     energy_start: float = setting(0.95, "SVD energy kept in round 1", low=0.0, high=1.0, low_open=True)
     energy_end: float = setting(0.98, "SVD energy kept in the last round", low=0.0, high=1.0, low_open=True)
-    shared_model: str = setting("cnn5", "architecture of the shared mentee", check=known_model)
+    shared_model: str = setting("auto", "architecture of the shared mentee (auto: cnn5 on images, text_bow on text)",
+                                check=known_model)
 
 
 def compress(delta: Tensors, energy: float) -> Tensors:
@@ -146,14 +147,19 @@ class FedKD(Algorithm):
         if settings.energy_end < settings.energy_start:
             raise ConfigError(f"recipe key 'fedkd.energy_end': must be >= fedkd.energy_start "
                               f"({settings.energy_start}), got {settings.energy_end}")
+        check_shared_model(cls.name, cfg)
+
+    @property
+    def shared_model(self) -> str:
+        return shared_architecture(self.settings.shared_model, self.spec.vocab_size > 0)
 
     def make_client(self, arch: str) -> FedKDClient:
-        model, mentee = self.private_model(arch), self.private_model(self.settings.shared_model)
+        model, mentee = self.private_model(arch), self.private_model(self.shared_model)
         return FedKDClient(model, mentee, copy.deepcopy(mentee), self.cfg, self.spec.transform,
                            self.spec.num_classes, self.settings)
 
     def initial_global(self) -> Tensors:
-        mentee = cpu_clone(self.private_model(self.settings.shared_model).state_dict())
+        mentee = cpu_clone(self.private_model(self.shared_model).state_dict())
         return {**prefixed("mentee", mentee), "version": torch.tensor(0),
                 "client_version": torch.full((self.cfg.num_clients,), -1),
                 "energy": torch.tensor(energy_at(self.settings, 1, self.cfg.rounds))}

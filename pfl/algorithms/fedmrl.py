@@ -2,8 +2,8 @@
 projector into a nested ("Matryoshka") representation.
 
 Client k holds its private model (phi_k -> R^d, head_k), a copy of the shared small model S (phi_S ->
-R^d1, head_S: d1 -> C; the zoo's CNN-5 with representation size d1 by default) and a private projector
-P = Linear(d1 + d, d), no activation. One phase "local", everything trains:
+R^d1, head_S: d1 -> C; the zoo's CNN-5, text_bow on text, with representation size d1 by default) and a
+private projector P = Linear(d1 + d, d), no activation. One phase "local", everything trains:
     r = P([phi_S(x); phi_k(x)]);   L = CE(head_k(r), y) + CE(head_S(r[:, :d1]), y).
 S starts every round from the global S and travels both ways; the server takes the sample-weighted mean
 (weights: the clients' training sizes). Personalised inference: argmax head_k(P([phi_S(x); phi_k(x)]))
@@ -36,7 +36,7 @@ from pfl.algorithms.base import (
     setting,
     unprefixed,
 )
-from pfl.algorithms.fml import known_model
+from pfl.algorithms.fml import check_shared_model, known_model, shared_architecture
 from pfl.errors import ConfigError
 from pfl.models import build_model
 from pfl.schema import Config
@@ -46,7 +46,8 @@ from pfl.schema import Config
 class FedMRLSettings(Settings):
     small_dim: int = setting(0, "d1, representation size of the shared small model (<= representation_dim; "
                              "0: = representation_dim)", low=0)
-    shared_model: str = setting("cnn5", "architecture of the shared small model", check=known_model)
+    shared_model: str = setting("auto", "architecture of the shared small model (auto: cnn5 on images, text_bow on "
+                                "text)", check=known_model)
 
 
 class FedMRLClient(ClientModule):
@@ -91,13 +92,15 @@ class FedMRL(Algorithm):
         if d1 > d:
             raise ConfigError(f"recipe key 'fedmrl.small_dim': must be an integer in [0, {d}] "
                               f"(representation_dim), got {d1}")
+        check_shared_model(cls.name, cfg)
 
     @property
     def small_dim(self) -> int:
         return self.settings.small_dim or self.spec.representation_dim
 
     def _small(self):
-        return build_model(self.settings.shared_model, self.spec.image_shape, self.spec.num_classes, self.small_dim)
+        return build_model(shared_architecture(self.settings.shared_model, self.spec.vocab_size > 0),
+                           self.spec.image_shape, self.spec.num_classes, self.small_dim, self.spec.vocab_size)
 
     def make_client(self, arch: str) -> FedMRLClient:
         d = self.spec.representation_dim

@@ -2,9 +2,14 @@
 
 Client: CE(f_k(x), y) + lambda * MSE(h, P[y]), P the global prototypes; samples whose class has no global
 prototype yet (round 1, or a class no client has sent) get CE only. After training the client sends, for
-each class it holds, the mean of phi_k(x) over its training samples (model in eval mode) and the count.
-Server: global prototype of class c = sum_k n_kc p_kc / sum_k n_kc over this round's senders; a class no
-sampled client holds keeps its previous global prototype.
+each class it holds, its prototype p_kc and its sample count n_kc. `fedproto.prototypes_from`: the mean of
+phi_k(x) over its training samples with the trained model in eval mode ("after_training", default), or the
+mean of the phi_k(x) its training steps computed ("training_pass": train mode, every local epoch, the last
+partial batch included, as HtFLlib collects them; HtFLlib's loader drops partial batches, pfl trains on them).
+Server (`fedproto.server_mean`): global prototype of class c = sum_k n_kc p_kc / sum_k n_kc over this round's
+senders ("weighted", default, the paper as pfl reads it), or sum_k p_kc / |senders of c| ("unweighted",
+HtFLlib's and the authors' code); a class no sampled client holds keeps its previous global prototype (HtFLlib
+drops it; with full participation the same).
 
 Personalised inference (`fedproto.inference`): "head", the client's model as trained (default), or
 "prototype", the class of the nearest global prototype to phi_k(x) (squared Euclidean distance; classes
@@ -21,11 +26,10 @@ import torch.nn.functional as F
 from pfl.algorithms.aggregation import class_means, class_reference, clip_uploads
 from pfl.algorithms.base import (
     Algorithm,
-    LocalClient,
+    PrototypeClient,
     Settings,
     Tensors,
     Upload,
-    class_prototypes,
     class_table_problem,
     register,
     setting,
@@ -37,6 +41,13 @@ class FedProtoSettings(Settings):
     lam: float = setting(1.0, "weight of the prototype MSE term", key="lambda", low=0.0)
     inference: str = setting("head", "personalised prediction: the client's head, or its nearest global prototype",
                              choices=("head", "prototype"))
+    server_mean: str = setting("weighted", "the server's per-class mean: weighted by the senders' class sample "
+                               "counts, or unweighted (every sender of the class counts once: HtFLlib, the "
+                               "authors' code)", choices=("weighted", "unweighted"))
+    prototypes_from: str = setting("after_training", "a client's prototypes: a pass of the trained model over its "
+                                   "training set in eval mode, or the mean of the representations its training "
+                                   "steps computed (train mode, every local epoch: HtFLlib)",
+                                   choices=("after_training", "training_pass"))
 
 
 def nearest_prototype_scores(h: torch.Tensor, protos: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
@@ -45,9 +56,9 @@ def nearest_prototype_scores(h: torch.Tensor, protos: torch.Tensor, known: torch
     return (-distance).masked_fill(known[None, :] == 0, float("-inf"))
 
 
-class FedProtoClient(LocalClient):
+class FedProtoClient(PrototypeClient):
     def __init__(self, model, cfg, transform, num_classes: int, settings: FedProtoSettings):
-        super().__init__(model, cfg, transform, num_classes)
+        super().__init__(model, cfg, transform, num_classes, settings.prototypes_from)
         self.settings = settings
         self.lam = settings.lam
         d = model.representation_dim
@@ -62,7 +73,7 @@ class FedProtoClient(LocalClient):
         self.known[labels] = 1.0
 
     def local_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        h = self.model.phi(x)
+        h = self.represent(x, y)
         ce = F.cross_entropy(self.model.head(h), y)
         # per-sample MSE, averaged over the samples whose class has a prototype (no host sync)
         weight = self.known[y]
@@ -79,17 +90,16 @@ class FedProtoClient(LocalClient):
         return self(x)
 
     def upload(self) -> Tensors:
-        data = self.data
-        labels, protos, counts = class_prototypes(self.model, self.transform, data.x_train, data.y_train,
-                                                  self.num_classes)
+        labels, protos, counts = self.prototypes()
         return {"labels": labels, "protos": protos, "counts": counts}
 
 
 @register
 class FedProto(Algorithm):
     name = "fedproto"
-    AGGREGATED = ("per-class prototypes, per class over its senders (mean: count-weighted); clipping "
-                  "against the class's previous global prototype, or zero for a class without one")
+    AGGREGATED = ("per-class prototypes, per class over its senders (mean: count-weighted, or unweighted with "
+                  "fedproto.server_mean = unweighted); clipping against the class's previous global prototype, "
+                  "or zero for a class without one")
     Settings = FedProtoSettings
     SEARCH_SPACE = {"fedproto.lambda": "log:0.01:10", "weight_decay": "log:1e-5:1e-2"}
 
@@ -113,9 +123,11 @@ class FedProto(Algorithm):
         known = {"protos": global_state["protos"]}
         uploads = clip_uploads(uploads, self.rule.clip,
                                lambda u: class_reference(u.tensors["labels"], global_state["labels"], known, c))
-        # mean: weighted by the class counts; median, trimmed_mean: per class over its senders, unweighted
-        means, sent = class_means([(u.tensors["labels"], u.tensors["protos"], u.tensors["counts"]) for u in uploads],
-                                  c, self.rule)
+        # mean: weighted by the class counts, or unweighted; median, trimmed_mean: per class over its senders,
+        # unweighted either way
+        weighted = self.settings.server_mean == "weighted"
+        means, sent = class_means([(u.tensors["labels"], u.tensors["protos"], u.tensors["counts"] if weighted else None)
+                                   for u in uploads], c, self.rule)
         protos = torch.zeros(c, d, dtype=torch.float64)
         have = torch.zeros(c, dtype=torch.bool)
         protos[global_state["labels"]] = global_state["protos"].double()  # classes nobody sent: keep

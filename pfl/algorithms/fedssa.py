@@ -6,12 +6,14 @@ Client k owns the classes C_k of its training data. On receiving the global head
 (as the authors' code has it; this is not a convex combination). Then one phase "local": the whole private
 model trains on CE. The client sends its head's rows of the classes it owns (weight [m, d], bias [m]).
 Server: it keeps every client's latest rows; W_g[c] is the unweighted mean of the latest row of every
-client that has sent class c (clients not sampled this round contribute their stale rows); rows of
-classes nobody has sent keep their initial values. Personalised inference: the client's model as trained.
+client that has sent class c, as in the authors' code (no class counts travel, so no weighted variant;
+clients not sampled this round contribute their stale rows); rows of classes nobody has sent keep their
+initial values. Personalised inference: the client's model as trained.
 
 The authors' simulation knows every client's classes before round 1, so their first average includes the
 initial rows of clients not yet sampled; a pfl server only learns a client's classes from its first
-upload. With full participation the two agree.
+upload. With full participation the two agree. A head deeper than one linear layer has no class rows on the
+shared representation, so a zoo with such heads (`<extractor>+h...`) is refused.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from pfl.algorithms.base import (
     register,
     setting,
 )
+from pfl.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,17 @@ class FedSSA(Algorithm):
                   "clipping against the global head's rows")
     Settings = FedSSASettings
     SEARCH_SPACE = {"fedssa.mu0": "0.0:1.0", "fedssa.decay_rounds": "int:1:50"}
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        from pfl.models import assign_architectures, split_architecture
+
+        deep = sorted({a for a in assign_architectures(cfg.num_clients, cfg.model_setting, cfg.model_zoo)
+                       if split_architecture(a)[1]})
+        if deep:
+            raise ConfigError(f"recipe key 'model_zoo': method fedssa shares the rows of a single linear head "
+                              f"d -> C, but {', '.join(deep)} have deeper heads; use architectures without a head "
+                              f"suffix (+h...)")
 
     def make_client(self, arch: str) -> FedSSAClient:
         return FedSSAClient(self.private_model(arch), self.cfg, self.spec.transform, self.spec.num_classes,

@@ -3,8 +3,10 @@
 Client k, one phase "local", the whole private model: r = phi_k(x) and
     L = CE(head_k(r), y) + lambda * MSE(r, P_y)
 (MSE averaged over batch x d), P the global prototypes; the term is absent until the server has trained
-them. After training the client sends, for each class it holds, the mean of phi_k(x) over its training
-samples (model in eval mode).
+them. After training the client sends, for each class it holds, its prototype (`fedtgp.prototypes_from`):
+the mean of phi_k(x) over its training samples with the trained model in eval mode ("after_training",
+default), with the model as it was before this round's training ("before_training": the authors' code and
+HtFLlib), or the mean of the phi_k(x) its training steps computed ("training_pass").
 Server: a prototype generator G = Embedding(C, d) -> Linear(d, d) + ReLU -> Linear(d, d), kept across
 rounds. Each round: Q_c = unweighted mean of the received prototypes of class c; gap_c = distance from
 Q_c to the nearest other Q_c' (a class without one gets the smallest gap); margin delta = min(max_c gap_c,
@@ -15,7 +17,8 @@ and P_c = G(c) is the next broadcast (all C classes). Personalised inference: th
 global prototype, argmin_c ||phi_k(x) - P_c||^2; the head is not used.
 
 The authors' code computes the uploaded prototypes with the round-start model (it reloads the model
-before saving the trained one); pfl sends those of the trained model, as the method describes.
+before saving the trained one); pfl sends those of the trained model by default, as the method describes.
+The server's class means are unweighted, as in the authors' code: there is no count to weigh by.
 """
 
 from __future__ import annotations
@@ -29,11 +32,10 @@ from torch import nn
 from pfl.algorithms.aggregation import class_means, clip_uploads
 from pfl.algorithms.base import (
     Algorithm,
-    LocalClient,
+    PrototypeClient,
     Settings,
     Tensors,
     Upload,
-    class_prototypes,
     class_table_problem,
     cpu_clone,
     prefixed,
@@ -52,6 +54,11 @@ class FedTGPSettings(Settings):
                          low=0.0)
     server_epochs: int = setting(100, "epochs the server trains the prototype generator per round", low=1)
     margin_max: float = setting(100.0, "tau, the largest adaptive margin", low=0.0)
+    prototypes_from: str = setting("after_training", "a client's prototypes: a pass over its training set in eval "
+                                   "mode of the trained model, or of the model before this round's training (the "
+                                   "authors' code, HtFLlib), or the mean of the representations its training "
+                                   "steps computed (train mode, every local epoch)",
+                                   choices=("after_training", "before_training", "training_pass"))
 
 
 class PrototypeGenerator(nn.Module):
@@ -93,9 +100,9 @@ def margin_loss(generator: PrototypeGenerator, protos: torch.Tensor, labels: tor
     return F.cross_entropy(-(distance + margin * F.one_hot(labels, num_classes)), labels)
 
 
-class FedTGPClient(LocalClient):
+class FedTGPClient(PrototypeClient):
     def __init__(self, model, cfg, transform, num_classes: int, settings: FedTGPSettings):
-        super().__init__(model, cfg, transform, num_classes)
+        super().__init__(model, cfg, transform, num_classes, settings.prototypes_from)
         self.lam = settings.lam
         self.register_buffer("global_protos", torch.zeros(num_classes, model.representation_dim), persistent=False)
         self.register_buffer("known", torch.zeros(num_classes), persistent=False)
@@ -109,7 +116,7 @@ class FedTGPClient(LocalClient):
             self.known.zero_()
 
     def local_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        r = self.model.phi(x)
+        r = self.represent(x, y)
         ce = F.cross_entropy(self.model.head(r), y)
         # known is all ones or all zeros: the term is on (MSE over batch x d) or absent, without a host sync
         return ce + self.lam * self.known[0] * F.mse_loss(r.float(), self.global_protos[y])
@@ -121,8 +128,7 @@ class FedTGPClient(LocalClient):
         return nearest_prototype_scores(self.model.phi(x), self.global_protos, self.known)
 
     def upload(self) -> Tensors:
-        labels, protos, _ = class_prototypes(self.model, self.transform, self.data.x_train, self.data.y_train,
-                                             self.num_classes)
+        labels, protos, _ = self.prototypes()
         return {"labels": labels, "protos": protos}
 
 

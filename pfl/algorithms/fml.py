@@ -7,8 +7,8 @@ the labels and from each other (deep mutual learning):
 where the other model's distribution is a fixed target (no gradient through it). Both losses are summed
 into one step of one SGD optimiser over both models, which is the same update as two optimisers with the
 same settings. The meme goes to the server, which takes the sample-weighted mean. The meme is the same
-architecture for every client (`fml.shared_model`, CNN-5 in the paper). Personalised inference: the local
-model.
+architecture for every client (`fml.shared_model`, CNN-5 in the paper; "auto": CNN-5 on images, text_bow
+on text). Personalised inference: the local model.
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ from pfl.algorithms.base import (
     setting,
     unprefixed,
 )
+from pfl.errors import ConfigError
+from pfl.schema import Config
 
 
 def kl_to(target_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -41,10 +43,30 @@ def kl_to(target_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
 
 
 def known_model(name: str) -> str | None:
-    """Check of a `shared_model` setting: a zoo architecture."""
+    """Check of a `shared_model` setting: "auto" or a zoo architecture."""
     from pfl.models import MODEL_REGISTRY
 
-    return None if name in MODEL_REGISTRY else f"unknown model {name!r}; known: {', '.join(sorted(MODEL_REGISTRY))}"
+    if name == "auto" or name in MODEL_REGISTRY:
+        return None
+    return f"unknown model {name!r}; known: auto, {', '.join(sorted(MODEL_REGISTRY))}"
+
+
+def shared_architecture(name: str, text: bool) -> str:
+    """The architecture a `shared_model` setting names: itself, or for "auto" the small model of the data set's
+    modality: CNN-5 on images (the papers' choice), text_bow (the cheapest text family) on text."""
+    if name != "auto":
+        return name
+    return "text_bow" if text else "cnn5"
+
+
+def check_shared_model(method: str, cfg: Config) -> None:
+    """`check_config` of a method with a `shared_model`: it must read the recipe's data set (text or images)."""
+    from pfl.models.text import modality_problem
+
+    name = cfg[f"{method}.shared_model"]
+    problem = modality_problem(shared_architecture(name, cfg.is_text), cfg.dataset, cfg.is_text)
+    if problem:
+        raise ConfigError(f"recipe key '{method}.shared_model': {problem}")
 
 
 @dataclass(frozen=True)
@@ -53,7 +75,8 @@ class FMLSettings(Settings):
                            low=0.0, high=1.0)
     beta: float = setting(0.5, "weight of CE in the meme's loss (1 - beta: KL to the local model)",
                           low=0.0, high=1.0)
-    shared_model: str = setting("cnn5", "architecture of the shared meme model", check=known_model)
+    shared_model: str = setting("auto", "architecture of the shared meme model (auto: cnn5 on images, text_bow on "
+                                "text)", check=known_model)
 
 
 class FMLClient(ClientModule):
@@ -84,12 +107,20 @@ class FML(Algorithm):
     Settings = FMLSettings
     SEARCH_SPACE = {"fml.alpha": "0.1:0.9", "fml.beta": "0.1:0.9"}
 
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        check_shared_model(cls.name, cfg)
+
+    @property
+    def shared_model(self) -> str:
+        return shared_architecture(self.settings.shared_model, self.spec.vocab_size > 0)
+
     def make_client(self, arch: str) -> FMLClient:
-        return FMLClient(self.private_model(arch), self.private_model(self.settings.shared_model), self.cfg,
+        return FMLClient(self.private_model(arch), self.private_model(self.shared_model), self.cfg,
                          self.spec.transform, self.spec.num_classes, self.settings)
 
     def initial_global(self) -> Tensors:
-        return cpu_clone(prefixed("meme", self.private_model(self.settings.shared_model).state_dict()))
+        return cpu_clone(prefixed("meme", self.private_model(self.shared_model).state_dict()))
 
     def aggregate(self, global_state: Tensors, uploads: list[Upload]) -> Tensors:
         return robust_mean(uploads, self.rule, reference=global_state)

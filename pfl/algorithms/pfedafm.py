@@ -2,7 +2,8 @@
 trainable weight vector; only the shared extractor travels.
 
 Client k holds its private model (phi_k -> R^d, head_k), a copy of the shared extractor phi_S -> R^d (the
-zoo's CNN-5 representation by default) and a private alpha in [0, 1]^d (initialised to 1). Its prediction is
+zoo's CNN-5 representation by default, text_bow's on text) and a private alpha in [0, 1]^d (initialised to
+1). Its prediction is
     z = head_k(alpha * phi_k(x) + (1 - alpha) * phi_S(x)).
 With phi_S the global one, two phases each round:
   "local":  phi_k, head_k and alpha train on CE(z, y), phi_S frozen; alpha has its own learning rate
@@ -40,14 +41,15 @@ from pfl.algorithms.base import (
     setting,
     unprefixed,
 )
-from pfl.algorithms.fml import known_model
+from pfl.algorithms.fml import check_shared_model, known_model, shared_architecture
+from pfl.schema import Config
 
 
 @dataclass(frozen=True)
 class PFedAFMSettings(Settings):
     alpha_lr: float = setting(0.01, "learning rate of the mixing weights alpha", low=0.0, low_open=True)
-    shared_model: str = setting("cnn5", "architecture whose representation is the shared extractor",
-                                check=known_model)
+    shared_model: str = setting("auto", "architecture whose representation is the shared extractor (auto: cnn5 on "
+                                "images, text_bow on text)", check=known_model)
 
 
 class Mix(nn.Module):
@@ -111,8 +113,12 @@ class PFedAFM(Algorithm):
     Settings = PFedAFMSettings
     SEARCH_SPACE = {"pfedafm.alpha_lr": "log:0.001:0.3", "weight_decay": "log:1e-5:1e-2"}
 
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        check_shared_model(cls.name, cfg)
+
     def _shared(self) -> nn.Module:
-        return self.private_model(self.settings.shared_model).phi
+        return self.private_model(shared_architecture(self.settings.shared_model, self.spec.vocab_size > 0)).phi
 
     def make_client(self, arch: str) -> PFedAFMClient:
         model, shared = self.private_model(arch), self._shared()

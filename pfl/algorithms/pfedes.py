@@ -10,6 +10,7 @@ c = 3). Client k, with G the global one, alternates two phases each round:
 G goes up; the server takes the sample-weighted mean. Personalised inference: argmax F_k(x) on the raw
 input; G is not used.
 
+Images only: on a text data set the recipe is refused (token ids have no input space for G to enhance).
 As in the authors' code, G ends in a ReLU, so G(x) >= 0 while x is normalised. The authors keep one
 optimiser for G across clients (shared momentum); pfl gives every client round fresh optimisers.
 """
@@ -36,6 +37,8 @@ from pfl.algorithms.base import (
     setting,
     unprefixed,
 )
+from pfl.errors import ConfigError
+from pfl.schema import Config
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,13 @@ class PFedES(Algorithm):
     name = "pfedes"
     Settings = PFedESSettings
     SEARCH_SPACE = {"pfedes.mu": "0.1:0.9", "pfedes.extra_epochs": "int:0:10"}
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        if cfg.is_text:
+            raise ConfigError(f"recipe key 'method': pfedes trains a convolution G that maps an image to an enhanced "
+                              f"image, and token ids of the text data set {cfg.dataset} have no such input space to "
+                              f"enhance; use pfedes on images, or another method on text")
 
     def make_client(self, arch: str) -> PFedESClient:
         return PFedESClient(self.private_model(arch), make_extractor(self.spec.image_shape[0]), self.cfg,

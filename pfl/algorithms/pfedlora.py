@@ -64,7 +64,7 @@ from pfl.algorithms.base import (
     unprefixed,
 )
 from pfl.errors import ConfigError
-from pfl.models import LoRAAdapter, assign_architectures, build_model, count_parameters
+from pfl.models import LoRAAdapter, assign_architectures, count_parameters
 from pfl.schema import Config
 from pfl.seeding import derive_seed
 
@@ -252,7 +252,7 @@ class PFedLoRA(Algorithm):
         return LoRAAdapter(self.spec.representation_dim, self.spec.num_classes, rank, self.settings.alpha_for(rank))
 
     def make_client(self, arch: str) -> PFedLoRAClient:
-        model = build_model(arch, self.spec.image_shape, self.spec.num_classes, self.spec.representation_dim)
+        model = self.private_model(arch)
         rank = self.arch_ranks[arch]
         adapter = self._adapter(rank)
         if self.settings.aggregation == "freeze_a":

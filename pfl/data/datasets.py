@@ -9,6 +9,8 @@ official split only matters as a source of samples: both halves are pooled.
   restricted unpickler that only admits numpy arrays, lists, dicts and strings: a doctored data directory
   cannot execute code. Downloads go through torchvision's checksummed downloader.
 - synthetic: seeded, learnable, any shape; for fast tests.
+- text data sets (bbc-news, agnews, synthetic_text): int64 token ids (N, max_len) instead of images; their
+  tokeniser and loaders are pfl.data.text's.
 """
 
 from __future__ import annotations
@@ -56,7 +58,8 @@ NORMALISATION = {
 
 @dataclass
 class Dataset:
-    """Pooled samples: x uint8 (N, C, H, W), y int64 (N,), with what the transform needs."""
+    """Pooled samples: x uint8 (N, C, H, W), or int64 token ids (N, max_len) for text, and y int64 (N,), with
+    what the transform needs (a text data set: no mean and std, its vocabulary size)."""
 
     name: str
     x: torch.Tensor
@@ -64,10 +67,12 @@ class Dataset:
     num_classes: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    vocab_size: int = 0  # text: token ids are in 0..vocab_size-1 (0 = padding); 0 for images
 
     @property
-    def image_shape(self) -> tuple[int, int, int]:
-        return tuple(self.x.shape[1:])  # type: ignore[return-value]
+    def image_shape(self) -> tuple[int, ...]:
+        """One sample's shape: (C, H, W), or (max_len,) for text."""
+        return tuple(self.x.shape[1:])
 
 
 def default_data_dir() -> Path:
@@ -75,7 +80,12 @@ def default_data_dir() -> Path:
 
 
 def load_dataset(cfg) -> Dataset:
-    """The data set named by the recipe (`dataset`, `data_dir`, `download`, `synthetic.*`)."""
+    """The data set named by the recipe (`dataset`, `data_dir`, `download`, `synthetic.*`; text: `max_len`,
+    `vocab_size`, `text_bigrams`)."""
+    if cfg.is_text:
+        from pfl.data.text import load_text_dataset
+
+        return load_text_dataset(cfg, Path(cfg.data_dir).expanduser() if cfg.data_dir else default_data_dir())
     if cfg.dataset == "synthetic":
         return make_synthetic(cfg["synthetic.num_samples"], cfg["synthetic.num_classes"],
                               tuple(cfg["synthetic.image_shape"]), cfg["synthetic.noise"], cfg.seed)

@@ -137,10 +137,13 @@ class ClientRunner:
                             f"({arch}) uses batch normalisation, which needs at least 2 samples per batch")
         for phase in module.phases():
             module.set_phase(phase)
-            batches = TensorBatches(data.x_train, data.y_train, batch_size, shuffle=True,
-                                    seed=derive_seed(seed, phase.name, "order"), no_single=no_single)
+            x, y = data.x_train, data.y_train
+            if phase.samples is not None:  # the phase trains on part of the training data (FedL2G's quiz held out)
+                x, y = x[phase.samples.to(x.device)], y[phase.samples.to(y.device)]
+            batches = TensorBatches(x, y, batch_size, shuffle=True, seed=derive_seed(seed, phase.name, "order"),
+                                    no_single=no_single)
             flops += self.flop_meter.phase_flops(module, arch or type(module.model).__name__, phase.name,
-                                                 phase.epochs, data.x_train, data.y_train, batches.sizes())
+                                                 phase.epochs, x, y, batches.sizes())
             # seeded after the FLOP measurement, whose one-off step may draw (dropout) the first time only
             torch.manual_seed(derive_seed(seed, phase.name, "augment"))
             self.fit(module, batches, phase.epochs)
