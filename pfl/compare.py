@@ -24,6 +24,7 @@ needed 7.4x what pFedLoRA needed (the paper's "7.41x less communication").
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import io
 import json
@@ -80,6 +81,8 @@ class Entry:
 
     method: str
     settings: tuple[tuple[str, str], ...] = ()
+    # given by a group (`all`): left out, with a note, when the method refuses the recipe (pFedES on text)
+    grouped: bool = dataclasses.field(default=False, compare=False)
 
     @property
     def label(self) -> str:
@@ -144,7 +147,7 @@ def _parse_entry(item: str) -> list[Entry]:
     name = name.strip()
     if not paren:
         if name in METHOD_GROUPS:
-            return [Entry(m) for m in METHOD_GROUPS[name]]
+            return [Entry(m, grouped=True) for m in METHOD_GROUPS[name]]
         if name not in ALGORITHMS:
             raise ConfigError(f"--methods: unknown method {name!r}; {_known_methods()}")
         return [Entry(name)]
@@ -214,6 +217,25 @@ def parse_entries(text: str | None) -> list[Entry]:
 
 def run_dir_for(out: Path, slug: str, seed: int) -> Path:
     return out / "runs" / f"{slug}-seed{seed}"
+
+
+def applicable(recipe: str, overrides: list[str], entries: list[Entry]) -> tuple[list[Entry], list[str]]:
+    """The entries to run, and a note for each method a group brought in that refuses this recipe (a group
+    means "every method that can run here"; a method named on its own that refuses is an error, in `plan`)."""
+    raw, _ = config_mod.read_recipe_file(recipe)
+    parsed = dict(config_mod.parse_override(o) for o in overrides)
+    kept, notes = [], []
+    for entry in entries:
+        if entry.grouped:
+            try:
+                config_mod.resolve(raw, {**parsed, "method": entry.method})
+            except ConfigError as exc:
+                notes.append(f"{entry.label} left out: {exc}")
+                continue
+        kept.append(entry)
+    if not kept:
+        raise ConfigError("--methods: no method of the group can run this recipe: " + "; ".join(notes))
+    return kept, notes
 
 
 def plan(recipe: str, overrides: list[str], entries: list[Entry], seeds: int,
@@ -715,7 +737,9 @@ def _run_methods(recipe, methods, overrides, seeds, seed, out, tune_trials, tune
     from pfl.trackers import check_trackers
 
     trackers = check_trackers(trackers)
-    entries = parse_entries(methods)
+    entries, left_out = applicable(recipe, overrides, parse_entries(methods))
+    for note in left_out:
+        display.message(note)
     labels = [e.label for e in entries]
     hw, resources = hardware()
     runs = plan(recipe, overrides, entries, seeds, seed)

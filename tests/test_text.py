@@ -3,6 +3,7 @@ reader on files in the real CSV format, BBC News learning with pFedLoRA, every m
 one-line refusal), and bad text input at the CLI."""
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -278,3 +279,18 @@ def test_partition_of_the_bbc_news_recipe(tmp_path, monkeypatch):
                              terminal_width=200)
     assert res.exit_code == 0, res.stdout
     assert (tmp_path / "p.png").stat().st_size > 0 and "5 in all" in res.stdout
+
+
+def test_the_group_all_leaves_out_a_method_that_refuses_text_and_says_why():
+    """`pfl compare --methods all` on a text recipe runs every method that can run there and names the one left
+    out with its reason; naming the refusing method on its own is still an error."""
+    from pfl import compare
+
+    sets = [f"{k}={json.dumps(v)}" for k, v in TEXT_TASK.items() if k != "seed"]
+    kept, notes = compare.applicable("smoke", sets, compare.parse_entries("all"))
+    assert [e.method for e in kept] == [m for m in compare.METHOD_GROUPS["all"] if m != "pfedes"]
+    assert len(notes) == 1 and notes[0].startswith("pfedes left out: " + REFUSES_TEXT["pfedes"])
+    kept, notes = compare.applicable("smoke", sets, compare.parse_entries("pfedes, standalone"))
+    assert [e.method for e in kept] == ["pfedes", "standalone"] and notes == []
+    with pytest.raises(ConfigError, match="pfedes trains a convolution"):
+        compare.plan("smoke", sets, kept, 1)
