@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "overhead.py"
 
 
@@ -20,6 +22,7 @@ def test_pfl_rounds_equal_a_hand_written_pfedlora_loop():
     assert drift < 1e-5  # same clients, init, batches, phases: the same adapter up to float noise
 
 
+@pytest.mark.heavy
 def test_memory_mode_reports_both_sides():
     res = run("--memory", "--recipe", "smoke", "--rounds", "1")
     assert res.returncode == 0, res.stderr

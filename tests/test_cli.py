@@ -46,6 +46,7 @@ def test_train_smoke_end_to_end_and_eval_reproduces_final_accuracy(tmp_path):
     assert math.isclose(mean, summary["final"]["acc_mean"], abs_tol=1e-9)
 
 
+@pytest.mark.heavy
 def test_same_seed_same_metrics(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     for out in (a, b):

@@ -159,6 +159,7 @@ def test_truncated_or_altered_checkpoint_is_reported_by_name(interrupted):
     _resume_fails(out, "names an invalid checkpoint")
 
 
+@pytest.mark.heavy
 def test_resume_of_a_running_or_finished_run_is_refused(interrupted, tmp_path):
     out, _staging = interrupted
     running = start("train", "--resume", str(out))  # a resumed run names its own pid: a second resume sees it
@@ -181,6 +182,7 @@ def test_resume_of_a_running_or_finished_run_is_refused(interrupted, tmp_path):
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
+@pytest.mark.heavy
 def test_eval_warns_when_the_versions_differ(tmp_path):
     out = tmp_path / "run"
     assert pfl("train", "--recipe", "smoke", "--set", "rounds=1", "--out", str(out)).returncode == 0
