@@ -52,7 +52,6 @@ from pfl.algorithms.base import (
     train_on_server,
     unprefixed,
 )
-from pfl.models import assign_architectures
 from pfl.seeding import derive_seed
 
 
@@ -153,7 +152,7 @@ class FedGen(Algorithm):
 
     def __init__(self, cfg, spec):
         super().__init__(cfg, spec)
-        self.client_architectures = assign_architectures(cfg.num_clients, cfg.model_setting, cfg.model_zoo)
+        self.client_architectures = self.architectures()  # client k's architecture, to rebuild its head
         self._heads: dict[str, nn.Module] = {}
 
     def make_client(self, arch: str) -> FedGenClient:
